@@ -1,0 +1,117 @@
+"""Tokenizers: a built-in character tokenizer (the embedded default: no downloads) and HF tokenizers.
+
+Both expose the small surface the rollout engines and the trainer need: encode / decode, ``eos_id``,
+``pad_id``, ``vocab_size``; plus ``tokenize`` / ``detokenize`` / ``eod`` / ``bos`` for megatron's
+inference controller.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Protocol, Sequence
+
+R1_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class CharTokenizer:
+    """Printable ASCII characters, one id each, plus the four R1 tags as single tokens.
+
+    One token per tag keeps the tiny default's responses short (and the format easy to learn);
+    rewards work on the decoded text, so they are the same code as for real tokenizers.
+    """
+
+    SPECIALS = ("<pad>", "<eos>", *R1_TAGS)
+
+    def __init__(self) -> None:
+        chars = list(string.printable[:95]) + ["\n"]  # digits, letters, punctuation, space, newline
+        self.itos: list[str] = list(self.SPECIALS) + chars
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+        self.vocab_size = len(self.itos)
+        self.pad_id = self.stoi["<pad>"]
+        self.eos_id = self.stoi["<eos>"]
+
+    def encode(self, text: str) -> list[int]:
+        ids, i = [], 0
+        while i < len(text):
+            for tag in R1_TAGS:
+                if text.startswith(tag, i):
+                    ids.append(self.stoi[tag])
+                    i += len(tag)
+                    break
+            else:
+                ch = text[i]
+                if ch not in self.stoi:
+                    raise ValueError(f"character {ch!r} is not in the char tokenizer's vocabulary (printable ASCII)")
+                ids.append(self.stoi[ch])
+                i += 1
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i != self.pad_id and 0 <= i < self.vocab_size:
+                out.append(self.itos[i])
+        return "".join(out)
+
+    # megatron inference-controller surface
+    @property
+    def eod(self) -> int:
+        return self.eos_id
+
+    bos = None
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.encode(text)
+
+    def detokenize(self, ids: Sequence[int], **_) -> str:
+        return self.decode(ids)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from a local path (nothing is downloaded at run time)."""
+
+    def __init__(self, path: str) -> None:
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.vocab_size = len(self.tok)
+        self.eos_id = self.tok.eos_token_id
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = list(ids)
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    @property
+    def eod(self) -> int:
+        return self.eos_id
+
+    bos = None
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.encode(text)
+
+    def detokenize(self, ids: Sequence[int], **_) -> str:
+        return self.decode(ids)
+
+
+def build_tokenizer(spec: str) -> CharTokenizer | HFTokenizer:
+    return CharTokenizer() if spec == "char" else HFTokenizer(spec)

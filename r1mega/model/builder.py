@@ -1,0 +1,201 @@
+"""The policy: a megatron-core GPTModel (dense, or DeepSeek-V3-style MoE, optionally MLA) from typed configs.
+
+Transformer Engine layer specs are used when TE imports and a GPU is present (grouped GEMM, FP8); the
+megatron-local spec otherwise. Two local-spec gaps are filled here (see :func:`_local_block_spec`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from r1mega.config import ModelConfig, ParallelConfig, TrainConfig
+
+
+def padded_vocab_size(vocab_size: int, model: ModelConfig, tp: int) -> int:
+    """Pad the vocab so every TP rank holds an equal shard and matmuls stay aligned.
+
+    Unlike Megatron-LM (multiple of divisible_by * tp) we pad to lcm(divisible_by, tp), so the same
+    checkpoint loads under any TP size that divides the multiple (TP=1 and TP=2 share one shape).
+    """
+    multiple = math.lcm(model.make_vocab_size_divisible_by, tp)
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def te_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, on_gpu: bool):
+    """Map our ModelConfig to megatron's TransformerConfig (MLATransformerConfig for MLA)."""
+    from megatron.core.transformer.enums import AttnBackend
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
+    bf16 = train.precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    sp = parallel.sequence_parallel if parallel.sequence_parallel is not None else parallel.tp > 1
+    kw = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        qk_layernorm=model.qk_layernorm,
+        gated_linear_unit=model.activation == "swiglu",
+        activation_func=F.silu if model.activation == "swiglu" else F.gelu,
+        add_bias_linear=False,  # shared experts refuse biases; DeepSeek / Qwen3 use none
+        hidden_dropout=0.0,  # RL recomputes log-probs: dropout would make them disagree with rollout
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        context_parallel_size=parallel.cp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp or 1,
+        sequence_parallel=sp,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=bf16,
+        use_cpu_initialization=not on_gpu,
+        # the GRPO loss returns (sum, denominator): megatron then normalises over all microbatches and
+        # DP ranks exactly (token-mean over tokens, seq-mean over sequences) instead of averaging means.
+        calculate_per_token_loss=True,
+        attention_backend=AttnBackend.auto if on_gpu else AttnBackend.local,
+    )
+    if model.is_moe:
+        k = model.first_k_dense_layers
+        kw.update(
+            num_moe_experts=model.num_experts,
+            moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+            moe_router_topk=model.moe_router_topk,
+            moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
+            moe_router_score_function=model.moe_router_score_function,
+            moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=model.moe_router_bias_update_rate,
+            moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
+            moe_router_num_groups=model.moe_router_num_groups,
+            moe_router_group_topk=model.moe_router_group_topk,
+            moe_router_pre_softmax=model.moe_router_pre_softmax,
+            moe_router_dtype=model.moe_router_dtype if on_gpu else None,
+            moe_router_load_balancing_type=model.moe_load_balancing_type,
+            moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+            moe_token_dispatcher_type=model.moe_token_dispatcher_type,
+            moe_grouped_gemm=model.moe_grouped_gemm and on_gpu,
+            moe_layer_freq=[0] * k + [1] * (model.num_layers - k) if k else 1,
+        )
+    if train.fp8:
+        kw.update(fp8="e4m3", fp8_recipe=train.fp8)
+    if model.multi_latent_attention:
+        return MLATransformerConfig(
+            **kw,
+            q_lora_rank=model.q_lora_rank,
+            kv_lora_rank=model.kv_lora_rank,
+            qk_head_dim=model.qk_head_dim,
+            qk_pos_emb_head_dim=model.qk_pos_emb_head_dim,
+            v_head_dim=model.v_head_dim,
+            rope_type=model.rope_type,
+            rotary_base=model.rotary_base,
+            rotary_scaling_factor=model.rotary_scaling_factor,
+            original_max_position_embeddings=model.original_max_position_embeddings,
+            beta_fast=model.beta_fast,
+            beta_slow=model.beta_slow,
+            mscale=model.mscale,
+            mscale_all_dim=model.mscale_all_dim,
+        )
+    return TransformerConfig(**kw)
+
+
+def _sp_torch_norm():
+    """torch RMSNorm/LayerNorm usable with sequence parallelism.
+
+    megatron's WrappedTorchNorm asserts ``not sequence_parallel`` (only TE/apex norms allow it), yet
+    MoE + TP training requires SP. Marking the weights ``sequence_parallel`` makes
+    finalize_model_grads all-reduce their grads over TP, as TE's norms do.
+    """
+
+    class SPTorchNorm:
+        def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_):
+            norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+            norm = norm_cls(hidden_size, eps=eps)
+            for p in norm.parameters():
+                p.sequence_parallel = config.sequence_parallel
+            return norm
+
+    return SPTorchNorm
+
+
+def _mla_local_core_attention():
+    """Local DotProductAttention that accepts MLA's ``k_channels``/``v_channels`` keyword arguments.
+
+    megatron-core 0.16.1 pairs MLASelfAttention with the local DotProductAttention, which does not
+    accept them (only TEDotProductAttention does); the output width is then heads * v_channels.
+    """
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class MLADotProductAttention(DotProductAttention):
+        def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            if v_channels is not None:
+                self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+    return MLADotProductAttention
+
+
+def _local_block_spec(tcfg, use_te: bool):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    block = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=use_te, normalization=tcfg.normalization)
+    if use_te:
+        return block
+    block = TransformerBlockSubmodules(layer_specs=list(block.layer_specs), layer_norm=block.layer_norm)
+    mla_attn = _mla_local_core_attention() if tcfg.multi_latent_attention else None
+    sp_norm = _sp_torch_norm() if tcfg.sequence_parallel else None
+    for spec in block.layer_specs:
+        sub = spec.submodules
+        if mla_attn is not None:
+            sub.self_attention.submodules.core_attention = mla_attn
+        if sp_norm is not None:
+            sub.input_layernorm = sp_norm
+            if getattr(sub.pre_mlp_layernorm, "__name__", "") != "IdentityOp":
+                sub.pre_mlp_layernorm = sp_norm
+    if sp_norm is not None:
+        block.layer_norm = sp_norm
+    return block
+
+
+def build_gpt_model(
+    model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, vocab_size: int, device: torch.device
+):
+    """Build this rank's stage of the policy (pre/post-process follow the pipeline position)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    on_gpu = device.type == "cuda"
+    use_te = te_available(device)
+    tcfg = transformer_config(model, parallel, train, on_gpu)
+    gpt = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=_local_block_spec(tcfg, use_te),
+        vocab_size=padded_vocab_size(vocab_size, model, parallel.tp),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type="none" if model.multi_latent_attention else model.position_embedding_type,
+        rotary_percent=model.rotary_percent,
+        rotary_base=int(model.rotary_base),
+    )
+    return gpt.to(device)

@@ -1,0 +1,62 @@
+"""The rollout-engine interface: what the trainer needs from any generation backend.
+
+Backends: :mod:`r1mega.rollout.megatron_engine` (megatron-core's inference engine in-process, sharing
+the trainer's weights) and SGLang (colocated server; weights pushed in memory after each update). The
+surface mirrors what SGLang offers (token-id prompts, per-token log-probs, in-memory weight updates,
+memory release / resume), so both plug into the same trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k; greedy is top_k=1
+    max_new_tokens: int = 64
+    seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1
+
+
+@dataclass
+class Rollout:
+    """One generated answer. ``response_ids`` end with the EOS token when the answer finished."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]  # log pi_rollout(token) for each response token, at temperature 1
+    finished: bool
+    routed_experts: Optional[torch.Tensor] = field(default=None, repr=False)  # [tokens, layers, topk] (MoE)
+
+
+class WeightSource(Protocol):
+    """Where an engine pulls new weights from after an optimizer step."""
+
+    def named_tensors(self, fmt: str) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
+        """One Rollout per prompt, in order (repeat a prompt G times for a group)."""
+        ...
+
+    def update_weights(self, source: WeightSource) -> None:
+        """Make the next generate() use the trainer's current weights."""
+        ...
+
+    def release_memory(self) -> None:
+        """Free generation memory (KV cache, weights copy) while the trainer runs."""
+        ...
+
+    def resume_memory(self) -> None: ...
+
+    def shutdown(self) -> None: ...

@@ -1,0 +1,153 @@
+"""Rollouts from megatron-core's own inference engine, in-process, on the trainer's weights.
+
+The engine wraps the very GPTModel the optimizer updates, so it is colocated by construction and a
+weight update is free. It uses megatron's static-batching engine: the dynamic engine needs flash-attn
+(CUDA-only), and the static one runs on every device and parallel layout (TP, PP, EP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from r1mega.rollout.base import Rollout, SamplingParams, WeightSource
+
+
+class MegatronRolloutEngine:
+    def __init__(self, model, tokenizer, padded_vocab_size: int, max_batch_size: int, max_seq_len: int) -> None:
+        self.model = model  # the unwrapped GPTModel shared with the trainer
+        self.tokenizer = tokenizer
+        self.padded_vocab_size = padded_vocab_size
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self._engine = None
+
+    # -- engine construction (lazy: released memory is rebuilt on the next generate) --
+    def _build(self):
+        from megatron.core.inference.contexts import StaticInferenceContext
+        from megatron.core.inference.engines import StaticInferenceEngine
+        from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+        from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
+            InferenceWrapperConfig,
+        )
+        from megatron.core.inference.text_generation_controllers.text_generation_controller import (
+            TextGenerationController,
+        )
+
+        cfg = self.model.config
+        wrapper_cfg = InferenceWrapperConfig(
+            hidden_size=cfg.hidden_size,
+            params_dtype=cfg.params_dtype,
+            inference_batch_times_seqlen_threshold=-1,  # never split the batch for PP
+            padded_vocab_size=self.padded_vocab_size,
+            inference_max_requests=self.max_batch_size,
+            inference_max_seq_length=self.max_seq_len,
+        )
+        ctx = StaticInferenceContext(max_batch_size=self.max_batch_size, max_sequence_length=self.max_seq_len)
+        wrapped = GPTInferenceWrapper(self.model, wrapper_cfg, ctx)
+        controller = TextGenerationController(inference_wrapped_model=wrapped, tokenizer=self.tokenizer)
+        return StaticInferenceEngine(text_generation_controller=controller, max_batch_size=self.max_batch_size,
+                                     legacy=True)
+
+    @contextlib.contextmanager
+    def _inference_mode(self) -> Iterator[None]:
+        """Eval mode, and sequence parallelism off where megatron's static engine refuses it."""
+        from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+        cfg = self.model.config
+        toggle_sp = cfg.sequence_parallel and not (cfg.tensor_model_parallel_size > 1 and cfg.expert_model_parallel_size > 1)
+        was_training = self.model.training
+        self.model.eval()
+        if toggle_sp:
+            set_model_to_sequence_parallel(self.model, False)
+        try:
+            yield
+        finally:
+            if toggle_sp:
+                set_model_to_sequence_parallel(self.model, True)
+            self.model.train(was_training)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
+        """Generate on this data-parallel rank's prompts.
+
+        With expert parallelism every forward pass is a collective across data-parallel ranks (the
+        token all-to-all), and the static engine stops when its own batch is done: ranks would fall
+        out of step. So EP runs generate the union of all ranks' prompts and keep their own share.
+        """
+        from megatron.core import parallel_state
+
+        dp = parallel_state.get_data_parallel_group()
+        if self.model.config.expert_model_parallel_size == 1 or dist.get_world_size(dp) == 1:
+            return self._generate(prompts, params)
+        shards: list = [None] * dist.get_world_size(dp)
+        dist.all_gather_object(shards, prompts, group=dp)
+        outs = self._generate([p for shard in shards for p in shard], params)
+        start = sum(len(shard) for shard in shards[: dist.get_rank(dp)])
+        return outs[start : start + len(prompts)]
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
+        from megatron.core.inference.inference_request import InferenceRequest
+        from megatron.core.inference.sampling_params import SamplingParams as MSampling
+
+        if self._engine is None:
+            self._engine = self._build()
+        if params.seed is not None:
+            self._engine.controller.sampling_rng.manual_seed(params.seed)
+        sp = MSampling(
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=0.0 if params.top_p >= 1.0 else params.top_p,  # megatron: 0 = off
+            return_log_probs=True,
+            num_tokens_to_generate=params.max_new_tokens,
+        )
+        requests = [
+            InferenceRequest(request_id=i, prompt="", sampling_params=sp, prompt_tokens=list(p))
+            for i, p in enumerate(prompts)
+        ]
+        with self._inference_mode():
+            done = self._engine.generate(inference_requests=requests)
+        done = sorted(done, key=lambda r: r.request_id)
+        eos = self.tokenizer.eos_id
+        out = []
+        for req, prompt in zip(done, prompts):
+            ids = [int(t) for t in req.generated_tokens]
+            lps = [float(x) for x in req.generated_log_probs][: len(ids)]
+            lps += [float("nan")] * (len(ids) - len(lps))  # megatron omits the last one when a batch ends early
+            if eos in ids:  # keep the EOS (the policy must learn to stop), drop what follows
+                ids = ids[: ids.index(eos) + 1]
+                lps = lps[: len(ids)]
+            out.append(Rollout(list(prompt), ids, lps, finished=bool(ids) and ids[-1] == eos))
+        return _broadcast_from_model_parallel_src(out)
+
+    def update_weights(self, source: WeightSource) -> None:
+        """Nothing to copy: the engine reads the trainer's parameters directly."""
+
+    def release_memory(self) -> None:
+        self._engine = None  # drops the KV cache held by the static context
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def resume_memory(self) -> None:
+        """The engine is rebuilt lazily by the next generate()."""
+
+    def shutdown(self) -> None:
+        self.release_memory()
+
+
+def _broadcast_from_model_parallel_src(rollouts: list[Rollout]) -> list[Rollout]:
+    """Make every rank of a model-parallel group hold exactly the first rank's samples.
+
+    TP / PP ranks sample from identical logits with identical seeds, but a bitwise difference in a
+    reduction could make one rank sample a different token: a silent divergence of the batch.
+    """
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return rollouts
+    obj = [rollouts]
+    dist.broadcast_object_list(obj, src=dist.get_global_rank(group, 0), group=group)
+    return obj[0]

@@ -1,0 +1,216 @@
+"""One GRPO step, stage by stage: prompts -> rollout -> rewards -> advantages -> log-probs -> loss ->
+optimizer -> weight sync. Everything here is orchestration; each stage's logic lives in its module.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from r1mega.config import Config
+from r1mega.data.tasks import Problem, render_prompt
+from r1mega.grpo.advantages import group_advantages, informative_groups
+from r1mega.policy import Policy, TokenBatch, pad_rows
+from r1mega.rewards import RewardScorer
+from r1mega.rollout.base import Rollout, RolloutEngine, SamplingParams
+
+
+@dataclass
+class StepTimer:
+    """Wall time per stage (generation / logprobs / training / weight_update), for the step log."""
+
+    times: dict[str, float] = field(default_factory=dict)
+
+    def stage(self, name: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Stage()
+
+
+class PromptSampler:
+    """This data-parallel rank's prompts for each step: an epoch-wise shuffle, resumable by step index."""
+
+    def __init__(self, problems: list[Problem], per_step: int, dp_rank: int, dp_size: int, seed: int) -> None:
+        if per_step % dp_size:
+            raise ValueError(f"rollout.prompts_per_step={per_step} must be divisible by the data-parallel size {dp_size}")
+        self.problems, self.per_rank, self.dp_rank, self.seed = problems, per_step // dp_size, dp_rank, seed
+        self.per_step = per_step
+
+    def batch(self, step: int) -> list[Problem]:
+        start = step * self.per_step
+        out = []
+        for k in range(start + self.dp_rank * self.per_rank, start + (self.dp_rank + 1) * self.per_rank):
+            epoch, i = divmod(k, len(self.problems))
+            order = list(range(len(self.problems)))
+            random.Random(self.seed + epoch).shuffle(order)
+            out.append(self.problems[order[i]])
+        return out
+
+
+def build_token_batch(rollouts: list[Rollout], pad_id: int, multiple: int) -> TokenBatch:
+    """Rows = prompt + response; the mask marks response tokens in target space (position - 1)."""
+    tokens = pad_rows([r.prompt_ids + r.response_ids for r in rollouts], pad_id, multiple)
+    mask = torch.zeros(tokens.shape[0], tokens.shape[1] - 1)
+    for i, r in enumerate(rollouts):
+        p = len(r.prompt_ids)
+        mask[i, p - 1 : p - 1 + len(r.response_ids)] = 1.0
+    return TokenBatch(tokens=tokens, mask=mask)
+
+
+def scatter_response(values: list[list[float]], rollouts: list[Rollout], like: torch.Tensor) -> torch.Tensor:
+    """Per-response-token lists -> a [B, S-1] tensor aligned with the batch's mask."""
+    out = torch.zeros_like(like)
+    for i, (v, r) in enumerate(zip(values, rollouts)):
+        p = len(r.prompt_ids)
+        out[i, p - 1 : p - 1 + len(v)] = torch.tensor(v, dtype=out.dtype)
+    return out
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: Config, policy: Policy, engine: RolloutEngine, scorer: RewardScorer, tokenizer,
+                 sampler: PromptSampler) -> None:
+        self.cfg, self.policy, self.engine, self.scorer = cfg, policy, engine, scorer
+        self.tokenizer, self.sampler = tokenizer, sampler
+        self.seq_multiple = cfg.parallel.tp if policy.model.config.sequence_parallel else 1
+
+    def lr_at(self, step: int) -> float:
+        o = self.cfg.optim
+        if o.warmup_steps and step < o.warmup_steps:
+            return o.lr * (step + 1) / o.warmup_steps
+        return o.lr
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg, a = self.cfg, self.cfg.algo
+        timer = StepTimer()
+        t_start = time.perf_counter()
+
+        # 1. prompts: this rank's share of the step's questions, each repeated G times
+        problems = self.sampler.batch(step)
+        prompts = [self.tokenizer.encode(render_prompt(p.question, cfg.data.template)) for p in problems]
+        prompts = [p for p in prompts for _ in range(a.group_size)]
+        golds = [p.answer for p in problems for _ in range(a.group_size)]
+
+        # 2. rollout on the colocated engine (its memory is only held while it generates)
+        s = cfg.rollout.sampling
+        with timer.stage("generation"):
+            self.engine.resume_memory()
+            rollouts = self.engine.generate(prompts, SamplingParams(s.temperature, s.top_p, s.top_k, s.max_new_tokens,
+                                                                    seed=cfg.train.seed + step))
+            self.engine.release_memory()
+
+        # 3. rule-based rewards: accuracy + format, in worker processes with a hard timeout
+        with timer.stage("reward"):
+            texts = [self.tokenizer.decode(r.response_ids) for r in rollouts]
+            rewards = self.scorer.score(texts, golds)
+        total = torch.tensor(rewards.total, dtype=torch.float32)
+
+        # 4. group-relative advantages; DAPO's dynamic sampling masks groups that carry no signal
+        adv = group_advantages(total, a.group_size, std_norm=a.adv_std_norm)
+        batch = build_token_batch(rollouts, self.tokenizer.pad_id, self.seq_multiple)
+        if a.dynamic_sampling:
+            keep = informative_groups(total, a.group_size).repeat_interleave(a.group_size)
+            batch.mask *= keep.float().unsqueeze(1)
+        batch.advantages = adv.unsqueeze(1) * batch.mask
+
+        # 5. log-probs of the sampled tokens: old policy (recomputed) and reference
+        with timer.stage("logprobs"):
+            batch.old_logp, _ = self.policy.compute_logprobs(batch)
+            if a.beta > 0:
+                batch.ref_logp, _ = self.policy.compute_logprobs(batch, reference=True)
+        rollout_logp = scatter_response([r.logprobs for r in rollouts], rollouts, batch.mask)
+        diff = ((rollout_logp - batch.old_logp.cpu()).abs() * batch.mask).nan_to_num(0.0)
+
+        # 6. loss + optimizer: num_minibatches optimizer steps over the rollout (groups stay whole)
+        with timer.stage("training"):
+            order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(cfg.train.seed + step))
+            train_metrics: list[dict[str, float]] = []
+            for chunk in order.chunk(a.num_minibatches):
+                rows = (chunk.unsqueeze(1) * a.group_size + torch.arange(a.group_size)).reshape(-1)
+                train_metrics.append(self.policy.train_minibatch(batch.select(rows), self.lr_at(step)))
+
+        # 7. weight sync to the rollout engine; periodic reference reset (R1-Zero: every 400 steps)
+        with timer.stage("weight_update"):
+            self.engine.update_weights(self.policy)
+            if a.ref_reset_every and (step + 1) % a.ref_reset_every == 0:
+                self.policy.reset_reference()
+
+        return self._metrics(rewards, rollouts, batch, diff, train_metrics, timer, time.perf_counter() - t_start)
+
+    def _metrics(self, rewards, rollouts, batch, diff, train_metrics, timer, wall) -> dict[str, float]:
+        n = len(rollouts)
+        lengths = [len(r.response_ids) for r in rollouts]
+        local = {
+            "n": n,
+            "reward": sum(rewards.total),
+            "accuracy": sum(rewards.accuracy),
+            "format": sum(rewards.format),
+            "response_len": sum(lengths),
+            "finished": sum(r.finished for r in rollouts),
+            "reward_timeouts": rewards.num_timeouts,
+            "reward_errors": rewards.num_errors,
+            "logp_diff_sum": float(diff.sum()),
+            "logp_diff_tokens": float(batch.mask.sum()),
+        }
+        g = self.policy.reduce_metrics(local)
+        logp_diff_max = self.policy.reduce_max(float(diff.max()) if diff.numel() else 0.0)
+        tm = {k: sum(m[k] for m in train_metrics) for k in train_metrics[0]}
+        tokens = max(tm.get("tokens", 0.0), 1.0)
+        out = {
+            "reward/mean": g["reward"] / g["n"],
+            "reward/accuracy": g["accuracy"] / g["n"],
+            "reward/format": g["format"] / g["n"],
+            "reward/timeouts": g["reward_timeouts"],
+            "reward/errors": g["reward_errors"],
+            "response/length_mean": g["response_len"] / g["n"],
+            "response/finished_frac": g["finished"] / g["n"],
+            "train/loss": tm["loss"] / len(train_metrics),
+            "train/kl": tm["kl"] / tokens,
+            "train/clip_frac": tm["clip_frac"] / tokens,
+            "train/entropy": tm["entropy"] / tokens,
+            "train/ratio_mean": tm["ratio"] / tokens,
+            "train/grad_norm": tm["grad_norm"] / len(train_metrics),
+            "train/lr": self.lr_at(0),
+            "rollout/logp_diff_mean": g["logp_diff_sum"] / max(g["logp_diff_tokens"], 1.0),
+            "rollout/logp_diff_max": logp_diff_max,
+        }
+        for name, sec in timer.times.items():
+            out[f"time/{name}"] = sec
+        out["time/step"] = wall
+        total_tokens = float(self.policy.reduce_metrics({"t": float(batch.tokens.ne(self.tokenizer.pad_id).sum())})["t"])
+        out["perf/tokens_per_s"] = total_tokens / wall
+        out["perf/gen_tokens_per_s"] = g["response_len"] / max(timer.times.get("generation", 1e-9), 1e-9)
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, problems: list[Problem], samples: int = 1) -> dict[str, float]:
+        """Held-out accuracy: greedy, and the mean over ``samples`` sampled answers (pass@1 as R1 reports)."""
+        from megatron.core import parallel_state
+
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        mine = problems[dp_rank::dp_size]
+        prompts = [self.tokenizer.encode(render_prompt(p.question, self.cfg.data.template)) for p in mine]
+        s = self.cfg.rollout.sampling
+        out: dict[str, float] = {}
+        self.engine.resume_memory()
+        for name, params, k in (
+            ("greedy", SamplingParams(1.0, 1.0, 1, s.max_new_tokens), 1),
+            ("sampled", SamplingParams(s.temperature, s.top_p, s.top_k, s.max_new_tokens, seed=self.cfg.data.seed), samples),
+        ):
+            rolls = self.engine.generate([p for p in prompts for _ in range(k)], params)
+            texts = [self.tokenizer.decode(r.response_ids) for r in rolls]
+            rw = self.scorer.score(texts, [p.answer for p in mine for _ in range(k)])
+            g = self.policy.reduce_metrics({"n": len(rolls), "acc": sum(rw.accuracy), "fmt": sum(rw.format)})
+            out[f"eval/{name}_accuracy"] = g["acc"] / max(g["n"], 1)
+            out[f"eval/{name}_format"] = g["fmt"] / max(g["n"], 1)
+        self.engine.release_memory()
+        return out
