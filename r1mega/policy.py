@@ -280,13 +280,15 @@ class Policy:
         """Sum metric sums over data-parallel ranks and bring them from the last pipeline stage to all."""
         from megatron.core import parallel_state
 
-        keys = sorted(sums)
-        t = torch.tensor([float(sums[k]) for k in keys] or [0.0], dtype=torch.float64, device=self.device)
         pp = parallel_state.get_pipeline_model_parallel_group()
-        if dist.get_world_size(pp) > 1:
-            dist.broadcast(t, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pp)
+        if dist.get_world_size(pp) > 1:  # earlier stages have no loss outputs, not even the keys
+            box = [sums]
+            dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pp)
+            sums = box[0]
+        keys = sorted(sums)
+        t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=self.device)
         dp = parallel_state.get_data_parallel_group()
-        if dist.get_world_size(dp) > 1:
+        if keys and dist.get_world_size(dp) > 1:
             dist.all_reduce(t, group=dp)
         return dict(zip(keys, t.tolist()))
 

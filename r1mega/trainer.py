@@ -128,7 +128,10 @@ class GRPOTrainer:
             if a.beta > 0:
                 batch.ref_logp, _ = self.policy.compute_logprobs(batch, reference=True)
         rollout_logp = scatter_response([r.logprobs for r in rollouts], rollouts, batch.mask)
-        diff = ((rollout_logp - batch.old_logp.cpu()).abs() * batch.mask).nan_to_num(0.0)
+        known = batch.mask * torch.isfinite(rollout_logp)  # EOS log-probs are not reported by every engine
+        if not self.policy.is_last_stage:
+            known = torch.zeros_like(known)  # trainer log-probs exist on the last pipeline stage only
+        diff = ((rollout_logp - batch.old_logp.cpu()).abs().nan_to_num(0.0) * known)
 
         # 6. loss + optimizer: num_minibatches optimizer steps over the rollout (groups stay whole)
         with timer.stage("training"):
@@ -144,9 +147,9 @@ class GRPOTrainer:
             if a.ref_reset_every and (step + 1) % a.ref_reset_every == 0:
                 self.policy.reset_reference()
 
-        return self._metrics(rewards, rollouts, batch, diff, train_metrics, timer, time.perf_counter() - t_start)
+        return self._metrics(rewards, rollouts, batch, diff, known, train_metrics, timer, time.perf_counter() - t_start)
 
-    def _metrics(self, rewards, rollouts, batch, diff, train_metrics, timer, wall) -> dict[str, float]:
+    def _metrics(self, rewards, rollouts, batch, diff, known, train_metrics, timer, wall) -> dict[str, float]:
         n = len(rollouts)
         lengths = [len(r.response_ids) for r in rollouts]
         local = {
@@ -159,7 +162,7 @@ class GRPOTrainer:
             "reward_timeouts": rewards.num_timeouts,
             "reward_errors": rewards.num_errors,
             "logp_diff_sum": float(diff.sum()),
-            "logp_diff_tokens": float(batch.mask.sum()),
+            "logp_diff_tokens": float(known.sum()),
         }
         g = self.policy.reduce_metrics(local)
         logp_diff_max = self.policy.reduce_max(float(diff.max()) if diff.numel() else 0.0)

@@ -198,4 +198,19 @@ def build_gpt_model(
         rotary_percent=model.rotary_percent,
         rotary_base=int(model.rotary_base),
     )
+    _mark_expert_params(gpt)
     return gpt.to(device)
+
+
+def _mark_expert_params(gpt) -> None:
+    """Make DDP reduce every routed-expert gradient over the expert-data-parallel group.
+
+    megatron-core 0.16.1 flags expert weights ``allreduce=False`` (expert buffers, reduced over the
+    expert-DP group) only when EP > 1. With EP = 1 but ETP < TP (e.g. TP=2, ETP=1: each TP rank runs
+    full expert copies on its own sequence shard) they land in the dense buffers, reduced over the dense
+    DP group, which does not contain the other TP ranks: the expert copies silently diverge. Found by
+    tests/test_parallel.py (TP=2 vs one rank).
+    """
+    for name, p in gpt.named_parameters():
+        if ".mlp.experts." in name:
+            p.allreduce = False

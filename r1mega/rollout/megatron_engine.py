@@ -116,10 +116,12 @@ class MegatronRolloutEngine:
             ids = [int(t) for t in req.generated_tokens]
             lps = [float(x) for x in req.generated_log_probs][: len(ids)]
             lps += [float("nan")] * (len(ids) - len(lps))  # megatron omits the last one when a batch ends early
-            if eos in ids:  # keep the EOS (the policy must learn to stop), drop what follows
-                ids = ids[: ids.index(eos) + 1]
-                lps = lps[: len(ids)]
-            out.append(Rollout(list(prompt), ids, lps, finished=bool(ids) and ids[-1] == eos))
+            # megatron stops a sequence at EOS without returning it (nor its log-prob); the policy must
+            # learn to stop, so the EOS goes back into the response, its rollout log-prob unknown (NaN).
+            finished = len(ids) < params.max_new_tokens
+            if finished:
+                ids, lps = ids + [eos], lps + [float("nan")]
+            out.append(Rollout(list(prompt), ids, lps, finished=finished))
         return _broadcast_from_model_parallel_src(out)
 
     def update_weights(self, source: WeightSource) -> None:
