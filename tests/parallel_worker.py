@@ -35,6 +35,7 @@ def make_config(layout: str, mla: bool, loss_agg: str):
     if mla:
         m.multi_latent_attention, m.q_lora_rank, m.kv_lora_rank = True, 32, 32
         m.qk_head_dim, m.qk_pos_emb_head_dim, m.v_head_dim = 16, 8, 16
+        m.qk_layernorm = True
     for k, v in LAYOUTS[layout].items():
         setattr(cfg.parallel, k, v)
     cfg.parallel.etp = 1

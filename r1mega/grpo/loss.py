@@ -34,9 +34,11 @@ class LossSettings:
     max_len: int = 1  # Dr.GRPO's constant normaliser (the generation budget)
 
 
-def aggregation_weights(mask: torch.Tensor, loss_agg: str, max_len: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def aggregation_weights(
+    mask: torch.Tensor, loss_agg: str, max_len: int = 1, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(u [B, S], denominator scalar) for this batch; see the module docstring."""
-    mask = mask.to(torch.float32)
+    mask = mask.to(dtype)
     lengths = mask.sum(dim=1, keepdim=True)
     has_tokens = (lengths > 0).float()
     if loss_agg == "seq-mean-token-mean":
@@ -96,7 +98,7 @@ def grpo_loss(
     reduce them across microbatches and ranks before dividing.
     """
     token_loss, stats = grpo_token_loss(logp, old_logp, ref_logp, advantages, mask, s)
-    u, denom = aggregation_weights(mask, s.loss_agg, s.max_len)
+    u, denom = aggregation_weights(mask, s.loss_agg, s.max_len, dtype=token_loss.dtype)
     loss_sum = (token_loss * u).sum()
     m = mask.to(torch.float32)
     metrics = {

@@ -152,6 +152,21 @@ def _mla_local_core_attention():
     return MLADotProductAttention
 
 
+def _replicated_linear():
+    """megatron's replicated Linear, for MLA's down-projections in the local spec.
+
+    With the local spec megatron builds MLA's q/kv down-projections as ColumnParallelLinear and
+    all-gathers their output over TP; the backward of that gather only splits the gradient, so the
+    rope key (used by every head) loses the other TP ranks' heads' gradient and the down-projection
+    weights drift apart from a single-rank run (tests/test_parallel.py, MLA under TP=2). The TE spec
+    uses a replicated ("duplicated") linear on the sequence-parallel input instead; this is its
+    local twin (weights marked sequence_parallel, so finalize_model_grads all-reduces them over TP).
+    """
+    from megatron.core.post_training.modelopt.layers import Linear
+
+    return Linear
+
+
 def _local_block_spec(tcfg, use_te: bool):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -165,7 +180,9 @@ def _local_block_spec(tcfg, use_te: bool):
     for spec in block.layer_specs:
         sub = spec.submodules
         if mla_attn is not None:
-            sub.self_attention.submodules.core_attention = mla_attn
+            attn = sub.self_attention.submodules
+            attn.core_attention = mla_attn
+            attn.linear_q_down_proj = attn.linear_kv_down_proj = _replicated_linear()
         if sp_norm is not None:
             sub.input_layernorm = sp_norm
             if getattr(sub.pre_mlp_layernorm, "__name__", "") != "IdentityOp":
