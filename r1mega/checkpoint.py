@@ -16,6 +16,41 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+# The optimizer state is saved in megatron's canonical per-parameter form, so a run can resume under
+# another parallel layout (the default "fully_sharded_model_space" format cannot be saved in 0.16.1).
+_OPTIM_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _optimizer_state(policy, is_loading: bool):
+    model_sd = policy.model.sharded_state_dict()
+    if policy.cfg.parallel.distributed_optimizer:
+        return policy.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPTIM_FORMAT)
+    return policy.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+
+
+def _inner_optimizers(policy) -> list:
+    return [o.optimizer for o in getattr(policy.optimizer, "chained_optimizers", [policy.optimizer])]
+
+
+def _adam_steps(policy) -> list[float | None]:
+    """torch Adam's per-parameter step counts (bias correction): megatron's optimizer checkpoint
+    formats carry exp_avg / exp_avg_sq but not torch's ``step`` (TE/apex FusedAdam keep it per group)."""
+    out = []
+    for opt in _inner_optimizers(policy):
+        steps = {float(st["step"]) for st in opt.state.values() if "step" in st}
+        out.append(steps.pop() if len(steps) == 1 else None)
+    return out
+
+
+def _set_adam_steps(policy, steps: list[float | None]) -> None:
+    for opt, step in zip(_inner_optimizers(policy), steps):
+        if step is None:
+            continue
+        for st in opt.state.values():
+            if "step" in st:
+                st["step"] = torch.as_tensor(step, dtype=st["step"].dtype, device=st["step"].device) \
+                    if torch.is_tensor(st["step"]) else step
+
 
 def _barrier() -> None:
     if dist.is_initialized():
@@ -61,9 +96,9 @@ def save_checkpoint(save_dir: str, step: int, policy) -> Path:
     _barrier()
     model_sd = policy.model.sharded_state_dict()
     dist_checkpointing.save(model_sd, str(tmp / "model"))
-    dist_checkpointing.save(policy.optimizer.sharded_state_dict(policy.model.sharded_state_dict()), str(tmp / "optim"))
+    dist_checkpointing.save(_optimizer_state(policy, is_loading=False), str(tmp / "optim"))
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    torch.save({"step": step, "rng": rng}, tmp / f"trainer_rank{dist.get_rank()}.pt")
+    torch.save({"step": step, "rng": rng, "adam_steps": _adam_steps(policy)}, tmp / f"trainer_rank{dist.get_rank()}.pt")
     if policy.ref_model is not None:
         dist_checkpointing.save(policy.ref_model.sharded_state_dict(), str(_mkdir0(tmp / "ref")))
     _barrier()
@@ -98,14 +133,19 @@ def load_checkpoint(path: Path, policy) -> int:
     """Restore model, optimizer, reference and RNG from ``path``; returns the number of steps done."""
     from megatron.core import dist_checkpointing
 
+    # torch Adam creates its state lazily; megatron's loader needs it to exist (a zero-grad step,
+    # megatron's own mechanism for this). Model weights are loaded after it, so it changes nothing.
+    for opt in getattr(policy.optimizer, "chained_optimizers", [policy.optimizer]):
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            opt._init_optimizer_states_with_dummy_values()
+    optim_sd = dist_checkpointing.load(_optimizer_state(policy, is_loading=True), str(path / "optim"))
+    with torch.no_grad():  # megatron copies into main params that are views of leaf parameters
+        policy.optimizer.load_state_dict(optim_sd)
     load_model(policy.model, path / "model")
-    optim_sd = dist_checkpointing.load(
-        policy.optimizer.sharded_state_dict(policy.model.sharded_state_dict(), is_loading=True), str(path / "optim")
-    )
-    policy.optimizer.load_state_dict(optim_sd)
     if policy.ref_model is not None and (path / "ref").is_dir():
         load_model(policy.ref_model, path / "ref")
     state = torch.load(path / f"trainer_rank{dist.get_rank()}.pt", weights_only=False)
+    _set_adam_steps(policy, state["adam_steps"])
     torch.set_rng_state(state["rng"]["cpu"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng"]["cuda"])

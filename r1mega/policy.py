@@ -7,9 +7,9 @@ stage, and :meth:`Policy.reduce_metrics` brings their metrics to every rank.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -19,6 +19,7 @@ from r1mega.grpo.logprobs import token_logprobs
 from r1mega.grpo.loss import LossSettings, aggregation_weights, grpo_loss
 from r1mega.model.builder import build_gpt_model, padded_vocab_size
 from r1mega.parallel.runtime import Runtime
+
 
 @dataclass
 class TokenBatch:
@@ -34,10 +35,11 @@ class TokenBatch:
     def size(self) -> int:
         return self.tokens.shape[0]
 
-    def select(self, idx: torch.Tensor) -> "TokenBatch":
+    def select(self, idx: torch.Tensor) -> TokenBatch:
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return TokenBatch(pick(self.tokens), pick(self.mask), pick(self.old_logp), pick(self.ref_logp),
-                          pick(self.advantages))
+        return TokenBatch(
+            pick(self.tokens), pick(self.mask), pick(self.old_logp), pick(self.ref_logp), pick(self.advantages)
+        )
 
 
 def pad_rows(rows: list[list[int]], pad_id: int, multiple: int = 1) -> torch.Tensor:
@@ -52,8 +54,11 @@ def pad_rows(rows: list[list[int]], pad_id: int, multiple: int = 1) -> torch.Ten
 
 class Policy:
     def __init__(self, cfg: Config, runtime: Runtime, vocab_size: int) -> None:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         self.cfg, self.runtime = cfg, runtime
@@ -182,8 +187,9 @@ class Policy:
     def train_minibatch(self, batch: TokenBatch, lr: float) -> dict[str, float]:
         """One optimizer step of the GRPO loss over ``batch`` (all its microbatches)."""
         a = self.cfg.algo
-        settings = LossSettings(a.eps_low, a.eps_high, a.beta, a.loss_agg, a.ratio_level,
-                                self.cfg.rollout.sampling.max_new_tokens)
+        settings = LossSettings(
+            a.eps_low, a.eps_high, a.beta, a.loss_agg, a.ratio_level, self.cfg.rollout.sampling.max_new_tokens
+        )
         temperature = self.cfg.rollout.sampling.temperature
         use_triton = self._use_triton()
 
@@ -252,24 +258,33 @@ class Policy:
         tp_group = parallel_state.get_tensor_model_parallel_group()
         v_local = logits.shape[-1]
         vocab_start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(
-            v_local, parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+            v_local,
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size(),
         )
         u, denom = aggregation_weights(mb["mask"], s.loss_agg, s.max_len)
         b, t = targets.shape
         loss_sum, stats = r1mega_kernels.grpo_loss(
-            logits.reshape(b * t, v_local), targets.reshape(-1), mb["old_logp"].reshape(-1),
-            None if ref is None else ref.reshape(-1), mb["advantages"].reshape(-1), u.reshape(-1),
-            eps_low=s.eps_low, eps_high=s.eps_high, beta=s.beta if ref is not None else 0.0,
-            temperature=temperature, tp_group=tp_group if dist.get_world_size(tp_group) > 1 else None,
+            logits.reshape(b * t, v_local),
+            targets.reshape(-1),
+            mb["old_logp"].reshape(-1),
+            None if ref is None else ref.reshape(-1),
+            mb["advantages"].reshape(-1),
+            u.reshape(-1),
+            eps_low=s.eps_low,
+            eps_high=s.eps_high,
+            beta=s.beta if ref is not None else 0.0,
+            temperature=temperature,
+            tp_group=tp_group if dist.get_world_size(tp_group) > 1 else None,
             vocab_start=vocab_start,
         )
         m = mb["mask"].reshape(-1).float()
         metrics = {
             "tokens": m.sum(),
-            "clip_frac": (stats["is_clipped"].float() * m).sum(),
-            "kl": (stats["kl"] * m).sum(),
-            "ratio": (torch.exp(stats["logp"] - mb["old_logp"].reshape(-1)) * m).sum(),
-            "entropy": (stats["entropy"] * m).sum(),
+            "clip_frac": (stats.is_clipped.reshape(-1).float() * m).sum(),
+            "kl": (stats.kl.reshape(-1) * m).sum(),
+            "ratio": (torch.exp(stats.logp.reshape(-1) - mb["old_logp"].reshape(-1)) * m).sum(),
+            "entropy": (stats.entropy.reshape(-1) * m).sum(),
             "loss_sum": loss_sum.detach(),
             "denom": denom,
         }

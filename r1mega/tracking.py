@@ -11,8 +11,9 @@ from typing import Any
 class Tracker:
     """Logs on the main rank only; other ranks get a no-op tracker."""
 
-    def __init__(self, out_dir: str, mode: str, project: str, run_name: str | None, config: dict[str, Any],
-                 enabled: bool = True) -> None:
+    def __init__(
+        self, out_dir: str, mode: str, project: str, run_name: str | None, config: dict[str, Any], enabled: bool = True
+    ) -> None:
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self.history: list[dict[str, float]] = []
@@ -41,7 +42,9 @@ class Tracker:
         if self.enabled and self.run is not None:
             self.run.summary.update(values)
 
-    def plot_rewards(self, before: dict[str, float] | None = None, after: dict[str, float] | None = None) -> Path | None:
+    def plot_rewards(
+        self, before: dict[str, float] | None = None, after: dict[str, float] | None = None
+    ) -> Path | None:
         """reward_curve.png: training reward / accuracy / format per step, with held-out accuracy marks."""
         if not self.enabled or not self.history:
             return None
@@ -53,15 +56,25 @@ class Tracker:
         rl = [h for h in self.history if "reward/accuracy" in h]
         steps = [h["step"] for h in rl]
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key, label in (("reward/accuracy", "train accuracy"), ("reward/format", "train format"),
-                           ("reward/mean", "train reward (acc + fmt)")):
+        for key, label in (
+            ("reward/accuracy", "train accuracy"),
+            ("reward/format", "train format"),
+            ("reward/mean", "train reward (acc + fmt)"),
+        ):
             ax.plot(steps, [h[key] for h in rl], label=label)
-        for name, ev, x, marker in (("before RL", before, steps[0] if steps else 0, "o"),
-                                    ("after RL", after, steps[-1] if steps else 0, "s")):
+        for name, ev, x, marker in (
+            ("before RL", before, steps[0] if steps else 0, "o"),
+            ("after RL", after, steps[-1] if steps else 0, "s"),
+        ):
             if ev:
                 for key, color in (("eval/greedy_accuracy", "k"), ("eval/sampled_accuracy", "tab:red")):
-                    ax.scatter([x], [ev[key]], marker=marker, color=color,
-                               label=f"held-out {key.split('/')[1].split('_')[0]} acc {name}")
+                    ax.scatter(
+                        [x],
+                        [ev[key]],
+                        marker=marker,
+                        color=color,
+                        label=f"held-out {key.split('/')[1].split('_')[0]} acc {name}",
+                    )
         ax.set_xlabel("GRPO step")
         ax.set_ylabel("reward / accuracy")
         ax.grid(alpha=0.3)

@@ -54,6 +54,7 @@ def run(cfg) -> dict[str, float]:
     from rich.console import Console
     from tqdm import tqdm
 
+    from r1mega.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint
     from r1mega.config import validate
     from r1mega.data.tasks import load_problems
     from r1mega.data.tokenizer import build_tokenizer
@@ -72,36 +73,63 @@ def run(cfg) -> dict[str, float]:
     train_set, eval_set = load_problems(cfg.data)
     policy = Policy(cfg, runtime, tokenizer.vocab_size)
     n_params = sum(p.numel() for p in policy.model.parameters())
-    console.print(f"[bold]r1mega[/] {cfg.model.name}: {n_params / 1e6:.2f} M params on this rank, "
-                  f"world {runtime.env.world_size} (tp {cfg.parallel.tp} pp {cfg.parallel.pp} ep {cfg.parallel.ep}), "
-                  f"device {runtime.device}, {len(train_set)} train / {len(eval_set)} held-out problems")
+    console.print(
+        f"[bold]r1mega[/] {cfg.model.name}: {n_params / 1e6:.2f} M params on this rank, "
+        f"world {runtime.env.world_size} (tp {cfg.parallel.tp} pp {cfg.parallel.pp} ep {cfg.parallel.ep}), "
+        f"device {runtime.device}, {len(train_set)} train / {len(eval_set)} held-out problems"
+    )
     from omegaconf import OmegaConf
 
-    tracker = Tracker(cfg.logging.out_dir, cfg.logging.wandb_mode, cfg.logging.project, cfg.logging.run_name,
-                      OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), enabled=runtime.is_main)
+    tracker = Tracker(
+        cfg.logging.out_dir,
+        cfg.logging.wandb_mode,
+        cfg.logging.project,
+        cfg.logging.run_name,
+        OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+        enabled=runtime.is_main,
+    )
     engine = build_engine(cfg, policy, tokenizer)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     sampler = PromptSampler(train_set, cfg.rollout.prompts_per_step, dp_rank, dp_size, cfg.data.seed)
-    summary: dict[str, float] = {}
+    start_step = 0
+    resume_from = latest_checkpoint(cfg.train.save_dir) if cfg.train.resume else None
+    if resume_from is not None:
+        start_step = load_checkpoint(resume_from, policy)
+        console.print(f"resumed from {resume_from} at step {start_step}")
+    elif cfg.model.checkpoint:
+        load_model(policy.model, cfg.model.checkpoint)
+        policy.reset_reference()
     with RewardScorer(cfg.reward) as scorer:
         trainer = GRPOTrainer(cfg, policy, engine, scorer, tokenizer, sampler)
-        if cfg.sft.steps > 0:
+        if cfg.sft.steps > 0 and resume_from is None:
             t0 = time.perf_counter()
             losses = cold_start_sft(cfg, policy, train_set, tokenizer)
-            console.print(f"cold-start SFT: {cfg.sft.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
-                          f"({time.perf_counter() - t0:.1f} s)")
+            console.print(
+                f"cold-start SFT: {cfg.sft.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+                f"({time.perf_counter() - t0:.1f} s)"
+            )
             policy.reset_reference()  # the RL reference is the SFT model, as in R1
         before = trainer.evaluate(eval_set, cfg.train.eval_samples)
         tracker.log(before, step=0)
         console.print(f"held-out before RL: {_fmt(before)}")
-        bar = tqdm(range(cfg.train.steps), desc="GRPO", disable=not (runtime.is_main and cfg.logging.progress),
-                   dynamic_ncols=True)
+        bar = tqdm(
+            range(start_step, cfg.train.steps),
+            desc="GRPO",
+            disable=not (runtime.is_main and cfg.logging.progress),
+            dynamic_ncols=True,
+        )
         rl_start = time.perf_counter()
         for step in bar:
             metrics = trainer.step(step)
             tracker.log(metrics, step=step + 1)
-            bar.set_postfix(acc=f"{metrics['reward/accuracy']:.2f}", fmt=f"{metrics['reward/format']:.2f}",
-                            kl=f"{metrics['train/kl']:.4f}", len=f"{metrics['response/length_mean']:.0f}")
+            bar.set_postfix(
+                acc=f"{metrics['reward/accuracy']:.2f}",
+                fmt=f"{metrics['reward/format']:.2f}",
+                kl=f"{metrics['train/kl']:.4f}",
+                len=f"{metrics['response/length_mean']:.0f}",
+            )
+            if cfg.train.save_dir and cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
+                save_checkpoint(cfg.train.save_dir, step, policy)
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
                 tracker.log(trainer.evaluate(eval_set, cfg.train.eval_samples), step=step + 1)
             if cfg.train.max_minutes and (time.perf_counter() - rl_start) / 60 > cfg.train.max_minutes:
@@ -110,8 +138,11 @@ def run(cfg) -> dict[str, float]:
         after = trainer.evaluate(eval_set, cfg.train.eval_samples)
         tracker.log(after, step=cfg.train.steps)
     console.print(f"held-out after RL:  {_fmt(after)}")
-    summary = {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()},
-               "wall_s": time.perf_counter() - t_start}
+    summary = {
+        **{f"before/{k}": v for k, v in before.items()},
+        **{f"after/{k}": v for k, v in after.items()},
+        "wall_s": time.perf_counter() - t_start,
+    }
     tracker.summary(summary)
     if cfg.logging.plot:
         path = tracker.plot_rewards(before, after)

@@ -42,7 +42,9 @@ class PromptSampler:
 
     def __init__(self, problems: list[Problem], per_step: int, dp_rank: int, dp_size: int, seed: int) -> None:
         if per_step % dp_size:
-            raise ValueError(f"rollout.prompts_per_step={per_step} must be divisible by the data-parallel size {dp_size}")
+            raise ValueError(
+                f"rollout.prompts_per_step={per_step} must be divisible by the data-parallel size {dp_size}"
+            )
         self.problems, self.per_rank, self.dp_rank, self.seed = problems, per_step // dp_size, dp_rank, seed
         self.per_step = per_step
 
@@ -77,8 +79,15 @@ def scatter_response(values: list[list[float]], rollouts: list[Rollout], like: t
 
 
 class GRPOTrainer:
-    def __init__(self, cfg: Config, policy: Policy, engine: RolloutEngine, scorer: RewardScorer, tokenizer,
-                 sampler: PromptSampler) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        policy: Policy,
+        engine: RolloutEngine,
+        scorer: RewardScorer,
+        tokenizer,
+        sampler: PromptSampler,
+    ) -> None:
         self.cfg, self.policy, self.engine, self.scorer = cfg, policy, engine, scorer
         self.tokenizer, self.sampler = tokenizer, sampler
         self.seq_multiple = cfg.parallel.tp if policy.model.config.sequence_parallel else 1
@@ -104,8 +113,9 @@ class GRPOTrainer:
         s = cfg.rollout.sampling
         with timer.stage("generation"):
             self.engine.resume_memory()
-            rollouts = self.engine.generate(prompts, SamplingParams(s.temperature, s.top_p, s.top_k, s.max_new_tokens,
-                                                                    seed=cfg.train.seed + step))
+            rollouts = self.engine.generate(
+                prompts, SamplingParams(s.temperature, s.top_p, s.top_k, s.max_new_tokens, seed=cfg.train.seed + step)
+            )
             self.engine.release_memory()
 
         # 3. rule-based rewards: accuracy + format, in worker processes with a hard timeout
@@ -131,7 +141,7 @@ class GRPOTrainer:
         known = batch.mask * torch.isfinite(rollout_logp)  # EOS log-probs are not reported by every engine
         if not self.policy.is_last_stage:
             known = torch.zeros_like(known)  # trainer log-probs exist on the last pipeline stage only
-        diff = ((rollout_logp - batch.old_logp.cpu()).abs().nan_to_num(0.0) * known)
+        diff = (rollout_logp - batch.old_logp.cpu()).abs().nan_to_num(0.0) * known
 
         # 6. loss + optimizer: num_minibatches optimizer steps over the rollout (groups stay whole)
         with timer.stage("training"):
@@ -189,7 +199,9 @@ class GRPOTrainer:
         for name, sec in timer.times.items():
             out[f"time/{name}"] = sec
         out["time/step"] = wall
-        total_tokens = float(self.policy.reduce_metrics({"t": float(batch.tokens.ne(self.tokenizer.pad_id).sum())})["t"])
+        total_tokens = float(
+            self.policy.reduce_metrics({"t": float(batch.tokens.ne(self.tokenizer.pad_id).sum())})["t"]
+        )
         out["perf/tokens_per_s"] = total_tokens / wall
         out["perf/gen_tokens_per_s"] = g["response_len"] / max(timer.times.get("generation", 1e-9), 1e-9)
         return out
@@ -207,7 +219,11 @@ class GRPOTrainer:
         self.engine.resume_memory()
         for name, params, k in (
             ("greedy", SamplingParams(1.0, 1.0, 1, s.max_new_tokens), 1),
-            ("sampled", SamplingParams(s.temperature, s.top_p, s.top_k, s.max_new_tokens, seed=self.cfg.data.seed), samples),
+            (
+                "sampled",
+                SamplingParams(s.temperature, s.top_p, s.top_k, s.max_new_tokens, seed=self.cfg.data.seed),
+                samples,
+            ),
         ):
             rolls = self.engine.generate([p for p in prompts for _ in range(k)], params)
             texts = [self.tokenizer.decode(r.response_ids) for r in rolls]

@@ -147,7 +147,10 @@ def slurm_env():
         pytest.skip(f"tools/slurm_local.sh start timed out (apt mirror unreachable?): {e}")
     if r.returncode == 3:
         pytest.skip(f"local Slurm unavailable: {r.stderr.strip().splitlines()[-1]}")
-    assert r.returncode == 0, f"tools/slurm_local.sh start failed (rc {r.returncode}):\n{r.stderr[-4000:]}"
+    if r.returncode != 0:
+        if not already_up:
+            subprocess.run(["bash", str(SLURM_LOCAL), "stop"], capture_output=True, timeout=60)
+        pytest.fail(f"tools/slurm_local.sh start failed (rc {r.returncode}):\n{r.stderr[-4000:]}")
     conf = next(line.split("=", 1)[1] for line in r.stdout.splitlines() if line.startswith("export SLURM_CONF="))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["SLURM_CONF"] = conf

@@ -8,7 +8,8 @@ inference controller.
 from __future__ import annotations
 
 import string
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 R1_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 

@@ -27,7 +27,7 @@ class _CpuEvent(torch.cpu.Event):
     def record(self, stream=None) -> None:
         self._t = time.perf_counter()
 
-    def elapsed_time(self, end: "_CpuEvent") -> float:
+    def elapsed_time(self, end: _CpuEvent) -> float:
         return (end._t - self._t) * 1e3
 
 

@@ -8,8 +8,9 @@ memory release / resume), so both plug into the same trainer.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Protocol
+from typing import Optional, Protocol
 
 import torch
 

@@ -8,7 +8,7 @@ weight update is free. It uses megatron's static-batching engine: the dynamic en
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -49,18 +49,24 @@ class MegatronRolloutEngine:
         ctx = StaticInferenceContext(max_batch_size=self.max_batch_size, max_sequence_length=self.max_seq_len)
         wrapped = GPTInferenceWrapper(self.model, wrapper_cfg, ctx)
         controller = TextGenerationController(inference_wrapped_model=wrapped, tokenizer=self.tokenizer)
-        return StaticInferenceEngine(text_generation_controller=controller, max_batch_size=self.max_batch_size,
-                                     legacy=True)
+        return StaticInferenceEngine(
+            text_generation_controller=controller, max_batch_size=self.max_batch_size, legacy=True
+        )
 
     @contextlib.contextmanager
     def _inference_mode(self) -> Iterator[None]:
-        """Eval mode, and sequence parallelism off where megatron's static engine refuses it."""
+        """Eval mode, bf16 GEMMs, and sequence parallelism off where megatron's static engine refuses it."""
         from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
         cfg = self.model.config
-        toggle_sp = cfg.sequence_parallel and not (cfg.tensor_model_parallel_size > 1 and cfg.expert_model_parallel_size > 1)
-        was_training = self.model.training
+        toggle_sp = cfg.sequence_parallel and not (
+            cfg.tensor_model_parallel_size > 1 and cfg.expert_model_parallel_size > 1
+        )
+        was_training, fp8 = self.model.training, cfg.fp8
         self.model.eval()
+        # FP8 trains, bf16 generates (as NeMo-RL's FP8 recipe): decode batches have token counts
+        # that FP8 GEMMs cannot take, and the rollout/trainer log-prob gap is logged every step.
+        cfg.fp8 = None
         if toggle_sp:
             set_model_to_sequence_parallel(self.model, False)
         try:
@@ -68,6 +74,7 @@ class MegatronRolloutEngine:
         finally:
             if toggle_sp:
                 set_model_to_sequence_parallel(self.model, True)
+            cfg.fp8 = fp8
             self.model.train(was_training)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
