@@ -132,7 +132,9 @@ class RewardConfig:
     accuracy_weight: float = 1.0
     format_weight: float = 1.0
     timeout_s: float = 5.0  # hard per-sample limit; a timed-out sample scores 0 and is counted
-    num_workers: int = 2
+    batch_timeout_s: Optional[float] = None  # cap on one step's verification (many pathological answers)
+    num_workers: int = 2  # verifier processes per rank, started on the first non-integer answer
+    think_in_prompt: bool = False  # the template ends with "<think>": the response starts inside it
 
 
 @dataclass
@@ -261,6 +263,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} not divisible by parallel.tp={p.tp}")
     if m.num_layers % p.pp:
         raise ConfigError(f"model.num_layers={m.num_layers} not divisible by parallel.pp={p.pp}")
+    if p.cp > 1:
+        raise ConfigError(
+            "parallel.cp > 1: context parallelism is not wired into the GRPO trainer yet (batches are not split "
+            "across CP ranks); set parallel.cp=1 and use parallel.tp with sequence parallelism for long responses"
+        )
     model_parallel = p.tp * p.pp * p.cp
     if world_size % model_parallel:
         raise ConfigError(

@@ -118,9 +118,9 @@ class Policy:
             self._mask_cache[s] = torch.ones(1, 1, s, s, dtype=torch.bool, device=self.device).triu(1)
         return self._mask_cache[s]
 
-    def _microbatches(self, batch: TokenBatch, extra: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    def _microbatches(self, batch: TokenBatch) -> list[dict[str, torch.Tensor]]:
         mbs = self.cfg.train.micro_batch_size
-        fields = {"tokens": batch.tokens, "mask": batch.mask, **extra}
+        fields = {"tokens": batch.tokens, "mask": batch.mask}
         for name in ("old_logp", "ref_logp", "advantages"):
             if getattr(batch, name) is not None:
                 fields[name] = getattr(batch, name)
@@ -173,7 +173,7 @@ class Policy:
         was_training = model.training
         model.eval()
         try:
-            outs = self._run(model, self._microbatches(batch, {}), loss_fn, forward_only=True)
+            outs = self._run(model, self._microbatches(batch), loss_fn, forward_only=True)
         finally:
             model.train(was_training)
         b, s1 = batch.mask.shape
@@ -205,7 +205,7 @@ class Policy:
             metrics["loss_sum"], metrics["denom"] = loss_sum.detach(), denom
             return loss_sum, denom.to(torch.int), metrics
 
-        outs = self._step(self._microbatches(batch, {}), loss_fn, lr)
+        outs = self._step(self._microbatches(batch), loss_fn, lr)
         return outs
 
     def sft_minibatch(self, batch: TokenBatch, lr: float) -> dict[str, float]:
@@ -217,7 +217,7 @@ class Policy:
             loss_sum = -(logp * m).sum()
             return loss_sum, m.sum().to(torch.int), {"loss_sum": loss_sum.detach(), "denom": m.sum()}
 
-        return self._step(self._microbatches(batch, {}), loss_fn, lr)
+        return self._step(self._microbatches(batch), loss_fn, lr)
 
     def _step(self, microbatches, loss_fn, lr: float) -> dict[str, float]:
         for g in self.optimizer.param_groups:

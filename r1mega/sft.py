@@ -33,7 +33,9 @@ def cold_start_sft(cfg: Config, policy: Policy, problems: list[Problem], tokeniz
         return []
     if not demos:
         raise ValueError("sft.steps > 0 but the task has no worked solutions; set sft.steps=0")
-    rng = random.Random(cfg.train.seed)
+    from megatron.core import parallel_state
+
+    rng = random.Random(cfg.train.seed + parallel_state.get_data_parallel_rank())  # each DP rank its own examples
     multiple = cfg.parallel.tp if policy.model.config.sequence_parallel else 1
     losses = []
     for step in range(cfg.sft.steps):

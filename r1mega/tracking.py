@@ -55,7 +55,7 @@ class Tracker:
 
         rl = [h for h in self.history if "reward/accuracy" in h]
         steps = [h["step"] for h in rl]
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(9, 4))
         for key, label in (
             ("reward/accuracy", "train accuracy"),
             ("reward/format", "train format"),
@@ -78,7 +78,7 @@ class Tracker:
         ax.set_xlabel("GRPO step")
         ax.set_ylabel("reward / accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         path = self.out_dir / "reward_curve.png"
         fig.savefig(path, dpi=120)

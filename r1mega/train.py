@@ -28,13 +28,6 @@ def _quiet() -> None:
 
     logging.getLogger("megatron").setLevel(logging.WARNING)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1") if not _has_gpu() else None
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def build_engine(cfg, policy, tokenizer):

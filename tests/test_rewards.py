@@ -50,6 +50,15 @@ def chaos_verify(pred: str, gold: str) -> bool:
     return is_equivalent(pred, gold)
 
 
+@pytest.fixture(autouse=True)
+def _generous_in_process_alarm(monkeypatch):
+    """In-process is_equivalent calls (the sweep) use math-verify's 5 s signal.alarm; some benign comparisons take
+    seconds on a loaded 2-core box, and a hit alarm reads as "not equivalent". Keep a limit, a generous one."""
+    import r1mega.rewards.math as rmath
+
+    monkeypatch.setattr(rmath, "MATH_VERIFY_ALARM_S", 60)
+
+
 @dataclass
 class _Cfg:  # duck-typed RewardConfig, so these tests do not depend on hydra/omegaconf
     accuracy_weight: float = 1.0

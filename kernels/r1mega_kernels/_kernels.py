@@ -149,6 +149,21 @@ def _grpo_finish(
     local = tl.load(TGT + row).to(tl.int64) - vocab_start
     owned = (local >= 0) & (local < V) & keep
     ut = tl.load(x_row + local, mask=owned, other=0.0).to(tl.float32) * scale2
+    lse2, coef = _grpo_token(
+        row, ut, m, d, sd, w, store_mask, OLD, REF, ADV, LOSS, OUT_LOGP, OUT_ENT, OUT_CLIP, OUT_KL,
+        inv_tau, eps_low, eps_high, beta, HAS_REF,
+    )  # fmt: skip
+    return lse2, coef, local
+
+
+@triton.jit
+def _grpo_token(
+    row, ut, m, d, sd, w, store_mask, OLD, REF, ADV, LOSS, OUT_LOGP, OUT_ENT, OUT_CLIP, OUT_KL,
+    inv_tau, eps_low, eps_high, beta, HAS_REF: tl.constexpr,
+):  # fmt: skip
+    """Per-token GRPO terms of one row from its softmax stats (base 2: m, d, sd) and target logit ut (base 2);
+    stores them (if store_mask) and returns (lse2, coef) of its gradient; zeros where w == 0."""
+    keep = w != 0.0
     log2d = tl.log2(d)
     lse2 = m + log2d
     logp = (ut - lse2) * LN2
@@ -172,7 +187,7 @@ def _grpo_finish(
     tl.store(OUT_ENT + row, tl.where(keep, ent, 0.0), mask=store_mask)
     tl.store(OUT_KL + row, tl.where(keep, kl, 0.0), mask=store_mask)
     tl.store(OUT_CLIP + row, (clipped & keep).to(tl.int8), mask=store_mask)
-    return tl.where(keep, lse2, 0.0), tl.where(keep, w * g * inv_tau, 0.0), local
+    return tl.where(keep, lse2, 0.0), tl.where(keep, w * g * inv_tau, 0.0)
 
 
 @triton.jit

@@ -24,7 +24,24 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
-class CharTokenizer:
+class _MegatronTokenizerSurface:
+    """The names megatron's inference controller calls (``eod`` doubles as its pad and stop token)."""
+
+    eos_id: int
+    bos = None
+
+    @property
+    def eod(self) -> int:
+        return self.eos_id
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.encode(text)
+
+    def detokenize(self, ids: Sequence[int], **_) -> str:
+        return self.decode(ids)
+
+
+class CharTokenizer(_MegatronTokenizerSurface):
     """Printable ASCII characters, one id each, plus the four R1 tags as single tokens.
 
     One token per tag keeps the tiny default's responses short (and the format easy to learn);
@@ -67,21 +84,9 @@ class CharTokenizer:
                 out.append(self.itos[i])
         return "".join(out)
 
-    # megatron inference-controller surface
-    @property
-    def eod(self) -> int:
-        return self.eos_id
-
-    bos = None
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.encode(text)
-
-    def detokenize(self, ids: Sequence[int], **_) -> str:
-        return self.decode(ids)
 
 
-class HFTokenizer:
+class HFTokenizer(_MegatronTokenizerSurface):
     """A Hugging Face tokenizer from a local path (nothing is downloaded at run time)."""
 
     def __init__(self, path: str) -> None:
@@ -101,17 +106,6 @@ class HFTokenizer:
             ids = ids[: ids.index(self.eos_id)]
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    @property
-    def eod(self) -> int:
-        return self.eos_id
-
-    bos = None
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.encode(text)
-
-    def detokenize(self, ids: Sequence[int], **_) -> str:
-        return self.decode(ids)
 
 
 def build_tokenizer(spec: str) -> CharTokenizer | HFTokenizer:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -28,8 +29,8 @@ class DistEnv:
     master_port: int
 
 
-def _slurm_master_addr() -> str:
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+def _slurm_master_addr(env) -> str:
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         return "127.0.0.1"
     try:  # scontrol expands compressed node lists ("node[01-04]") exactly as Slurm does
@@ -39,7 +40,18 @@ def _slurm_master_addr() -> str:
             return first[0]
     except (OSError, subprocess.SubprocessError):
         pass
-    return nodelist.split(",")[0].split("[")[0]
+    return _first_host(nodelist)
+
+
+def _first_host(nodelist: str) -> str:
+    """First host of a Slurm node list without scontrol: "gpu[07-08,11],cpu01" -> "gpu07"."""
+    head = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if head is None:
+        return nodelist
+    prefix, ranges = head.group(1), head.group(2)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
 
 
 def dist_env_from_environ(environ: dict[str, str] | None = None) -> DistEnv:
@@ -64,7 +76,7 @@ def dist_env_from_environ(environ: dict[str, str] | None = None) -> DistEnv:
             rank=int(env["SLURM_PROCID"]),
             world_size=int(env["SLURM_NTASKS"]),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
-            master_addr=env.get("MASTER_ADDR") or _slurm_master_addr(),
+            master_addr=env.get("MASTER_ADDR") or _slurm_master_addr(env),
             master_port=int(env.get("MASTER_PORT") or 20000 + job % 40000),
         )
     return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=_free_port())

@@ -168,6 +168,7 @@ class RewardScorer:
             count as timeouts. ``None`` = no cap (each sample is still capped by ``cfg.timeout_s``).
         cache_size: (pred, gold) verdicts kept across calls, timeouts included (a pathological answer repeated by
             the policy then costs one timeout, not one per step); 0 disables.
+        think_in_prompt: passed to :func:`format_reward` (for templates whose prompt ends with ``<think>``).
 
     Use as a context manager or call :meth:`close`. Thread-safe; calls are serialised by a lock.
     """
@@ -180,6 +181,7 @@ class RewardScorer:
         start_timeout_s: float = 60.0,
         batch_timeout_s: float | None = None,
         cache_size: int = 65536,
+        think_in_prompt: bool = False,
     ) -> None:
         self.accuracy_weight = float(cfg.accuracy_weight)
         self.format_weight = float(cfg.format_weight)
@@ -189,8 +191,9 @@ class RewardScorer:
             raise ValueError(f"reward.timeout_s={cfg.timeout_s} must be > 0")
         self.verify_fn = verify_fn
         self.start_timeout_s = float(start_timeout_s)
-        self.batch_timeout_s = batch_timeout_s
+        self.batch_timeout_s = batch_timeout_s if batch_timeout_s is not None else getattr(cfg, "batch_timeout_s", None)
         self.cache_size = int(cache_size)
+        self.think_in_prompt = think_in_prompt or bool(getattr(cfg, "think_in_prompt", False))
         self._cache: OrderedDict[bytes, object] = OrderedDict()  # digest of (pred, gold) -> verdict
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
@@ -288,7 +291,7 @@ class RewardScorer:
 
     def _score(self, responses: list[str], golds: list[str]) -> RewardBatch:
         n = len(responses)
-        fmt = [format_reward(r) for r in responses]
+        fmt = [format_reward(r, think_in_prompt=self.think_in_prompt) for r in responses]
         acc = [0.0] * n
         todo: dict[tuple[str, str], list[int]] = {}
         for i, (resp, gold) in enumerate(zip(responses, golds, strict=True)):
