@@ -78,6 +78,19 @@ def scatter_response(values: list[list[float]], rollouts: list[Rollout], like: t
     return out
 
 
+def rollout_logprob_gap(rollouts: list[Rollout], batch: TokenBatch, is_last_stage: bool):
+    """|log pi_rollout - log pi_trainer| per response token, and where it is known.
+
+    Engines may not report the EOS log-prob (NaN), and trainer log-probs exist on the last pipeline
+    stage only. The gap is the engine/trainer numerics mismatch that off-policy corrections watch.
+    """
+    rollout_logp = scatter_response([r.logprobs for r in rollouts], rollouts, batch.mask)
+    known = batch.mask * torch.isfinite(rollout_logp)
+    if not is_last_stage:
+        known = torch.zeros_like(known)
+    return (rollout_logp - batch.old_logp.cpu()).abs().nan_to_num(0.0) * known, known
+
+
 class GRPOTrainer:
     def __init__(
         self,
@@ -137,11 +150,7 @@ class GRPOTrainer:
             batch.old_logp, _ = self.policy.compute_logprobs(batch)
             if a.beta > 0:
                 batch.ref_logp, _ = self.policy.compute_logprobs(batch, reference=True)
-        rollout_logp = scatter_response([r.logprobs for r in rollouts], rollouts, batch.mask)
-        known = batch.mask * torch.isfinite(rollout_logp)  # EOS log-probs are not reported by every engine
-        if not self.policy.is_last_stage:
-            known = torch.zeros_like(known)  # trainer log-probs exist on the last pipeline stage only
-        diff = (rollout_logp - batch.old_logp.cpu()).abs().nan_to_num(0.0) * known
+        diff, known = rollout_logprob_gap(rollouts, batch, self.policy.is_last_stage)
 
         # 6. loss + optimizer: num_minibatches optimizer steps over the rollout (groups stay whole)
         with timer.stage("training"):
@@ -157,9 +166,10 @@ class GRPOTrainer:
             if a.ref_reset_every and (step + 1) % a.ref_reset_every == 0:
                 self.policy.reset_reference()
 
-        return self._metrics(rewards, rollouts, batch, diff, known, train_metrics, timer, time.perf_counter() - t_start)
+        wall = time.perf_counter() - t_start
+        return self._metrics(step, rewards, rollouts, batch, diff, known, train_metrics, timer, wall)
 
-    def _metrics(self, rewards, rollouts, batch, diff, known, train_metrics, timer, wall) -> dict[str, float]:
+    def _metrics(self, step, rewards, rollouts, batch, diff, known, train_metrics, timer, wall) -> dict[str, float]:
         n = len(rollouts)
         lengths = [len(r.response_ids) for r in rollouts]
         local = {
@@ -192,7 +202,7 @@ class GRPOTrainer:
             "train/entropy": tm["entropy"] / tokens,
             "train/ratio_mean": tm["ratio"] / tokens,
             "train/grad_norm": tm["grad_norm"] / len(train_metrics),
-            "train/lr": self.lr_at(0),
+            "train/lr": self.lr_at(step),
             "rollout/logp_diff_mean": g["logp_diff_sum"] / max(g["logp_diff_tokens"], 1.0),
             "rollout/logp_diff_max": logp_diff_max,
         }

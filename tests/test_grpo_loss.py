@@ -54,13 +54,15 @@ def reference_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, agg, max_
     raise ValueError(agg)
 
 
-def _inputs(seed: int, b: int = 6, s: int = 9):
+def _inputs(seed: int, b: int = 8, s: int = 12):
     g = torch.Generator().manual_seed(seed)
     logp = -torch.rand(b, s, generator=g, dtype=torch.float64) * 3
     old = logp + 0.4 * torch.randn(b, s, generator=g, dtype=torch.float64)  # ratios well outside the clip
     ref = logp + 0.3 * torch.randn(b, s, generator=g, dtype=torch.float64)
-    adv = torch.randn(b, 1, generator=g, dtype=torch.float64).expand(b, s).clone()
-    mask = (torch.rand(b, s, generator=g) > 0.3).double()
+    signs = torch.tensor([1.0, -1.0] * (b // 2), dtype=torch.float64).unsqueeze(1)  # both clip sides occur
+    adv = (torch.rand(b, 1, generator=g, dtype=torch.float64) + 0.1) * signs
+    adv = adv.expand(b, s).clone()
+    mask = (torch.rand(b, s, generator=g) > 0.2).double()
     mask[0] = 0.0  # an answer with no tokens (fully masked row)
     mask[1, :] = 0.0
     mask[1, 2] = 1.0  # a one-token answer
