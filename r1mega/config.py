@@ -124,7 +124,6 @@ class RolloutConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_batch_size: int = 512  # sequences the engine decodes at once
     sglang_mem_fraction: float = 0.5
-    log_routed_experts: bool = False
 
 
 @dataclass

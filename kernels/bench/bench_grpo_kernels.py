@@ -15,6 +15,7 @@ Run (H200, Liger carried as a wheel; see docs/perf/kernels.md):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -203,14 +204,31 @@ def check_correctness(T: int, V: int, L: int) -> None:
         f"entropy err {(st.entropy - e_ent).abs().max():.2e}"
     )
     assert rel < 1e-2 and abs((lo - le).item()) <= 1e-4 * abs(le.item()) + 1e-6, "grpo_loss disagrees with eager"
+    from r1mega_kernels import ops
+
+    saved_split = rk.CONFIGS["grpo_split"]
+    rk.CONFIGS["grpo_split"] = dataclasses.replace(saved_split, split="fused")
+    try:
+        xs = x.detach().requires_grad_()
+        ls, sts = rk.grpo_loss(xs, ids, old, ref, adv, w, EPS_LOW, EPS_HIGH, BETA, TAU)
+        gs = grads_of(ls, xs).float()
+    finally:
+        rk.CONFIGS["grpo_split"] = saved_split
+    info = {k: (int(v.item()) if isinstance(v, torch.Tensor) else v) for k, v in ops.SPLIT_INFO.items()}
+    print(f"  split kernel launch: {info}")
+    print(
+        f"  split-row vs default kernel: loss rel {abs((ls - lo).item() / lo.item()):.1e}, grad rel-L2 "
+        f"{float((gs - go).norm() / go.norm()):.2e}, max|dgrad| {(gs - go).abs().max():.2e} "
+        f"(max|grad| {go.abs().max():.2e}), max|dlogp| {(sts.logp - st.logp).abs().max():.2e}, "
+        f"max|dent| {(sts.entropy - st.entropy).abs().max():.2e}, "
+        f"clip equal {torch.equal(sts.is_clipped, st.is_clipped)}"
+    )
     xi = x.detach().clone()
     xi_leaf = xi.requires_grad_()
     li, _ = rk.grpo_loss(xi_leaf, ids, old, ref, adv, w, EPS_LOW, EPS_HIGH, BETA, TAU, inplace=True)
     gi = grads_of(li, xi_leaf).float()
     print(f"  inplace grad == out-of-place grad: {torch.equal(gi, go)}")
     # the vocab-parallel code path (stats kernel -> combine -> gradient kernel) on one GPU, as a 1-shard "group"
-    from r1mega_kernels import ops
-
     saved = ops._tp_world, ops.all_gather_stats
     ops._tp_world, ops.all_gather_stats = (lambda g: 2), (lambda p, g: p[None])
     try:
@@ -319,6 +337,48 @@ def sweep(T: int, V: int, L: int) -> None:
     sync()
 
 
+def split_sweep(T: int, V: int, L: int) -> None:
+    """Launch configs of the split-row GRPO kernel at the main shape; keeps the fastest in rk.CONFIGS."""
+    from r1mega_kernels import ops
+
+    base, ids, old, ref, adv_seq, adv, mask, w = make_inputs(T, V, L)
+    x = base[:, :-1]
+    xg = x.detach().requires_grad_()
+
+    def run_grpo():
+        lo, _ = rk.grpo_loss(xg, ids, old, ref, adv, w, EPS_LOW, EPS_HIGH, BETA, TAU)
+        return grads_of(lo, xg)
+
+    def sp(b: int, nw: int, skew: bool, maxnreg: int = 0) -> KernelConfig:
+        return KernelConfig(b, nw, 1, 0, split="fused", skew=skew, maxnreg=maxnreg)
+
+    saved = rk.CONFIGS["grpo_split"]
+    cands = [
+        sp(8192, 8, True),
+        sp(8192, 8, False, 128),
+        sp(8192, 8, True, 128),
+        sp(4096, 8, True),
+        sp(4096, 4, True, 128),
+        sp(16384, 16, True),
+        sp(4096, 4, False, 96),
+    ]
+    best = None
+    for cfg in cands:
+        rk.CONFIGS["grpo_split"] = cfg
+        name = f"split b{cfg.block_v} w{cfg.num_warps} {'skew' if cfg.skew else 'noskew'} r{cfg.maxnreg}"
+        r = record("sweep-split", T, V, name, run_grpo, 4 * T * V, rep_ms=60)
+        sync()
+        info = {k: (int(v.item()) if isinstance(v, torch.Tensor) else v) for k, v in ops.SPLIT_INFO.items()}
+        print(f"      {info}", flush=True)
+        if r and info.get("err") == 0 and (best is None or r["ms"] < best[0]):
+            best = (r["ms"], cfg)
+    print(f"  split fallbacks so far: {ops.split_fallbacks()}")
+    if best is not None:  # kept opt-in (split="" unless it was on): the table's split-row row uses it
+        rk.CONFIGS["grpo_split"] = dataclasses.replace(best[1], split=saved.split)
+    print(f"  -> grpo_split config {rk.CONFIGS['grpo_split']}", flush=True)
+    sync()
+
+
 _COMPILED: dict[str, Callable] = {}
 
 
@@ -387,6 +447,12 @@ def _logprob_and_grpo(T: int, V: int, L: int, with_compile: bool, ablation: bool
 
     record(sec, T, V, "ours grpo_loss", lambda: ours(False), 2 * nbytes)
     record(sec, T, V, "ours grpo_loss inplace", lambda: ours(True), 2 * nbytes, note="(logits overwritten)")
+    saved_split = rk.CONFIGS["grpo_split"]
+    rk.CONFIGS["grpo_split"] = dataclasses.replace(saved_split, split="fused")
+    try:
+        record(sec, T, V, "ours split-row kernel (opt-in)", lambda: ours(False), 2 * nbytes)
+    finally:
+        rk.CONFIGS["grpo_split"] = saved_split
     if ablation:  # the other single-rank implementation, for the record
         saved = rk.CONFIGS["grpo_fused"]
         if saved.two_kernel:
@@ -484,6 +550,9 @@ def summary() -> None:
             parts.append(f"lp liger/ours {lpl / lp:.2f}x")
         if g and gl:
             parts.append(f"grpo liger/ours {gl / g:.2f}x (inplace {gl / gi:.2f}x)" if gi else f"grpo {gl / g:.2f}x")
+        g2 = get("grpo fwd+bwd", "ours split-row kernel (opt-in)")
+        if g and g2:
+            parts.append(f"grpo default/split-row {g / g2:.2f}x")
         if mm and best_fl:
             parts.append(
                 f"fused-linear matmul/ours {mm / best_fl['ms']:.3f}x ({best_fl['method']}, "
@@ -498,9 +567,13 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--no-split-sweep", action="store_true")
+    ap.add_argument("--skip-linear", action="store_true")
+    ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument("--shapes", default="32768x151936,32768x128256,8192x151936,8192x128256")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    shapes = [(32768, 151936), (32768, 128256), (8192, 151936), (8192, 128256)]
+    shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
     L = 2048
     if _DRY:
         shapes, L = [(8, 300), (4, 257)], 4
@@ -521,9 +594,19 @@ def main() -> None:
     if not args.no_sweep:
         print("--- config sweep (main shape)")
         sweep(*shapes[0], L)
+    if not args.no_split_sweep and not _DRY:
+        print("--- split-row kernel sweep (main shape)")
+        split_sweep(*shapes[0], L)
     for i, (T, V) in enumerate(shapes):
         print(f"--- T={T} V={V}  ({time.time() - t0:.0f} s)", flush=True)
-        run_shape(T, V, L, with_compile=not args.no_compile, fused_variants=(i == 0))
+        if args.skip_linear:
+            _logprob_and_grpo(T, V, L, not args.no_compile, ablation=(i == 0 and not args.no_ablation))
+            free_cache()
+        else:
+            run_shape(T, V, L, with_compile=not args.no_compile, fused_variants=(i == 0))
+    from r1mega_kernels import ops
+
+    print(f"split-kernel fallbacks (wait timeouts) in this run: {ops.split_fallbacks(DEV)}")
     summary()
     print(f"configs used: {rk.CONFIGS}")
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -12,19 +12,31 @@ from r1mega_kernels import KernelConfig, ops
 
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 
-# single-rank GRPO implementations (CONFIGS["grpo_fused"]): the default fused two-sweep kernel with per-tile-row
-# stats, the same pipelined across rows, the same with block reductions, and two kernels (stats, then gradient)
+# single-rank GRPO implementations. Split-row kernel (CONFIGS["grpo_split"], the GPU default out of place): as
+# two launches with K > 1 siblings per row (the interpreter default: checks slicing, the partial merge, tails), as
+# one launch with K = 1 (a program is its own sibling: checks the software pipeline and the wait, with and without
+# skew), and one launch with K > 1, which the interpreter cannot co-schedule: every wait times out and the
+# on-device fallback must produce the result. Two-sweep kernels (CONFIGS["grpo_fused"], split off): the fused one
+# with per-tile-row stats, the same pipelined across rows, the same with block reductions, two kernels.
+_OFF = KernelConfig(0, 0, 0)
 GRPO_VARIANTS = {
-    "default": ops.INTERP_CONFIGS["grpo_fused"],
-    "interleaved": KernelConfig(block_v=256, num_warps=1, num_stages=1, sub=16, interleave=True),
-    "fused-block": KernelConfig(block_v=256, num_warps=1, num_stages=1, sub=0, reverse=False),
-    "two-kernel": KernelConfig(block_v=256, num_warps=1, num_stages=1, two_kernel=True),
+    "split-phased": (KernelConfig(256, 1, 1, split="phased", skew=False), None),
+    "split-fused-k1": (KernelConfig(1024, 1, 1, split="fused", skew=True), None),
+    "split-fused-k1-noskew": (KernelConfig(1024, 1, 1, split="fused", skew=False), None),
+    "split-timeout-fallback": (KernelConfig(128, 1, 1, split="fused", max_spin=2), None),
+    "default": (_OFF, ops.INTERP_CONFIGS["grpo_fused"]),
+    "interleaved": (_OFF, KernelConfig(block_v=256, num_warps=1, num_stages=1, sub=16, interleave=True)),
+    "fused-block": (_OFF, KernelConfig(block_v=256, num_warps=1, num_stages=1, sub=0, reverse=False)),
+    "two-kernel": (_OFF, KernelConfig(block_v=256, num_warps=1, num_stages=1, two_kernel=True)),
 }
 
 
 @pytest.fixture(params=list(GRPO_VARIANTS))
 def grpo_variant(request, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setitem(ops.INTERP_CONFIGS, "grpo_fused", GRPO_VARIANTS[request.param])
+    split, fused = GRPO_VARIANTS[request.param]
+    monkeypatch.setitem(ops.INTERP_CONFIGS, "grpo_split", split)
+    if fused is not None:
+        monkeypatch.setitem(ops.INTERP_CONFIGS, "grpo_fused", fused)
     return request.param
 
 
@@ -97,6 +109,37 @@ def test_grpo_loss(poison, dtype, shape, tau, beta, use_ref, inplace) -> None:
 def test_grpo_loss_variants(poison, grpo_variant, dtype, shape, tau, beta, use_ref, inplace) -> None:
     """The other single-rank implementations (selectable by config) on an fp32/bf16, inplace/3-D pair of cases."""
     _grpo_case(dtype, shape, tau, beta, use_ref, inplace)
+
+
+def test_grpo_split_strided_packed(poison, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Split kernel on a [B, L+1, V][:, :-1] bf16 view (the trainer's layout): int32-packed pairs, no copy."""
+    monkeypatch.setitem(ops.INTERP_CONFIGS, "grpo_split", KernelConfig(128, 1, 1, split="phased", skew=False))
+    full = _logits((2, 6, 300), torch.bfloat16)
+    z = full[:, :-1]
+    y = torch.randint(0, 300, (2, 5))
+    old, ref, adv, w = make_grpo_inputs(z, y, 0.9)
+    loss_r, stats_r, grad_r = ref_grpo(z, y, old, ref, adv, w, EPS_LOW, EPS_HIGH, 0.04, 0.9)
+    x = z.detach().requires_grad_()
+    loss, stats = rk.grpo_loss(x, y, old, ref, adv, w, EPS_LOW, EPS_HIGH, 0.04, 0.9)
+    loss.backward()
+    assert ops.SPLIT_INFO["packed"] and ops.SPLIT_INFO["siblings"] == 3
+    assert abs(float(loss) - float(loss_r)) <= 1e-5 * (abs(float(loss_r)) + float(w.abs().sum()))
+    torch.testing.assert_close(stats.entropy.double(), stats_r[1], rtol=1e-5, atol=5e-5)
+    _check_grad(x.grad, grad_r, torch.bfloat16)
+
+
+def test_grpo_split_timeout_sets_flag(poison, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A split kernel whose siblings cannot meet (interpreter, K > 1, one launch) flags the timeout, the fallback
+    recomputes on the device and counts the event; siblings that can meet (K = 1) flag nothing."""
+    monkeypatch.setitem(ops.INTERP_CONFIGS, "grpo_split", KernelConfig(128, 1, 1, split="fused", max_spin=3))
+    before = ops.split_fallbacks("cpu")
+    _grpo_case(torch.bfloat16, (7, 300), 1.0, 0.04, True, False)
+    assert int(ops.SPLIT_INFO["err"].item()) == 1 and ops.SPLIT_INFO["siblings"] == 3
+    assert ops.split_fallbacks("cpu") == before + 1
+    monkeypatch.setitem(ops.INTERP_CONFIGS, "grpo_split", KernelConfig(512, 1, 1, split="fused"))
+    _grpo_case(torch.bfloat16, (7, 300), 1.0, 0.04, True, False)
+    assert int(ops.SPLIT_INFO["err"].item()) == 0 and ops.SPLIT_INFO["siblings"] == 1
+    assert ops.split_fallbacks("cpu") == before + 1
 
 
 def _grpo_case(dtype, shape, tau, beta, use_ref, inplace) -> None:

@@ -184,9 +184,11 @@ def _local_block_spec(tcfg, use_te: bool):
             attn.core_attention = mla_attn
             attn.linear_q_down_proj = attn.linear_kv_down_proj = _replicated_linear()
         if sp_norm is not None:
+            attn = sub.self_attention.submodules
             if mla_attn is not None and tcfg.qk_layernorm:  # MLA normalises its sequence-parallel latents
-                attn = sub.self_attention.submodules
                 attn.q_layernorm = attn.kv_layernorm = sp_norm
+            elif tcfg.qk_layernorm:  # Qwen3's per-head q/k norms (replicated over TP like the layer norms)
+                attn.q_layernorm = attn.k_layernorm = sp_norm
             sub.input_layernorm = sp_norm
             if getattr(sub.pre_mlp_layernorm, "__name__", "") != "IdentityOp":
                 sub.pre_mlp_layernorm = sp_norm

@@ -34,7 +34,7 @@ class Rollout:
 
     prompt_ids: list[int]
     response_ids: list[int]
-    logprobs: list[float]  # log pi_rollout(token) for each response token, at temperature 1
+    logprobs: list[float]  # log pi_rollout(token) per response token (NaN where the engine reports none)
     finished: bool
     routed_experts: Optional[torch.Tensor] = field(default=None, repr=False)  # [tokens, layers, topk] (MoE)
 

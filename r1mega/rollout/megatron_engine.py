@@ -121,6 +121,8 @@ class MegatronRolloutEngine:
         out = []
         for req, prompt in zip(done, prompts):
             ids = [int(t) for t in req.generated_tokens]
+            # megatron's static engine reports log-probs of the untempered distribution: at a sampling
+            # temperature != 1 the logged rollout/trainer gap includes that difference.
             lps = [float(x) for x in req.generated_log_probs][: len(ids)]
             lps += [float("nan")] * (len(ids) - len(lps))  # megatron omits the last one when a batch ends early
             # megatron stops a sequence at EOS without returning it (nor its log-prob); the policy must

@@ -1,0 +1,286 @@
+"""Rollouts from SGLang, colocated on the trainer's GPUs; weights pushed in memory after each update.
+
+STATUS: the GPU path is verified ONLY against a fake ``sglang`` module on the CPU so far
+(tests/test_sglang_engine.py: request / response mapping, bucketed weight push, release / resume
+ordering, the TP=2 broadcast). The weight layouts it pushes are proven against transformers
+(tests/test_hf_export.py); SGLang itself has not run this module yet.
+
+Layout (one SGLang engine per trainer TP group):
+
+- The first rank of each tensor-parallel group starts ``sglang.Engine(tp_size=TP, base_gpu_id=<its GPU>)``:
+  SGLang spawns TP scheduler processes on GPUs base..base+TP-1, which are the GPUs of the trainer's TP
+  group (megatron makes TP the innermost rank dimension; checked at start). Every data-parallel replica
+  thus has its own engine and generates its own prompts; nothing crosses TP groups.
+- The other TP ranks do not talk to SGLang: they take part in the weight export's collectives (TP / EP
+  all-gathers) and receive the rollouts by broadcast from the first rank.
+- Limits: PP = 1 and CP = 1 (an engine needs every layer; stages would have to ship theirs to it);
+  each process must see all of its node's GPUs (torchrun's default, not one-GPU-per-task Slurm
+  binding); the TP group must sit on one node; with EP, every engine receives every expert (the export
+  all-gathers experts over the EP group), so each GPU holds a full TP shard of the model in SGLang,
+  sized by ``rollout.sglang_mem_fraction``. The SGLang ports are spread by GPU index
+  (``30000 + 100 * base_gpu_id``) so the engines of one node do not collide.
+
+Startup: config.json for the policy's architecture (:func:`hf_config_from_model_config`) is written to a
+temporary directory and SGLang starts with ``load_format="dummy"`` (random weights, no checkpoint on
+disk); the real weights are pushed before the first generate. Then ``skip_tokenizer_init=True``
+(token ids in and out), ``attention_backend="triton"`` (FA3 is not in the carried kernel wheel),
+``sampling_backend="pytorch"``, ``enable_memory_saver=True``, ``disable_cuda_graph=True`` (first light;
+to be tuned). ``engine_kwargs`` override any of these.
+
+Memory cycle (SGLang's memory saver drops the *contents* of released weights):
+``release_memory`` releases every tag (weights, KV cache, CUDA graphs); ``update_weights`` resumes the
+weights only and pushes; ``resume_memory`` resumes the rest; ``generate`` pushes first whenever the
+weights were released since the last push (e.g. after ``evaluate``) -- so a push always follows a
+weight resume, as SGLang needs.
+
+Weight push: ``iter_hf_buckets`` streams the model in HF names and layouts (TP / EP gathered), buckets of
+``bucket_bytes``, each sent with ``update_weights_from_tensor(flush_cache=False)``, then one
+``flush_cache()``. A bucket never splits a layer's ``q_a_proj`` / ``kv_a_proj_with_mqa`` pair (SGLang
+fuses them within one call). It reads the GPTModel (``source.model``), not ``named_tensors("megatron")``:
+the export needs the router's expert-bias buffer, the TP attributes and the global layer numbers.
+
+Responses: SGLang with ``skip_tokenizer_init`` returns the stop token inside ``output_ids`` and a
+log-prob for every output token; if a finished answer comes back without it, it is appended (log-prob
+from the engine if given, else NaN). Log-probs are SGLang's default: of the temperature-scaled
+distribution before top-k / top-p truncation, which is what the trainer recomputes with
+``rollout.sampling.temperature``. Seeds: each request gets its own ``sampling_seed`` (from the call's
+seed, the DP rank and the request index: the G copies of a prompt must not sample alike); SGLang honours
+it only with ``enable_deterministic_inference=True`` (pass it in ``engine_kwargs``), otherwise sampling
+is not reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from r1mega.model.hf_export import hf_config_from_model_config, iter_hf_buckets
+from r1mega.rollout.base import Rollout, SamplingParams, WeightSource
+
+WEIGHTS, KV_CACHE, CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"
+ALL_TAGS = (KV_CACHE, WEIGHTS, CUDA_GRAPH)  # sglang.srt.constants.GPU_MEMORY_ALL_TYPES
+
+
+def _import_sglang():
+    try:
+        import sglang
+    except ImportError as e:  # never part of the CPU install: the `sglang` extra, on the GPU machine
+        raise ImportError("rollout.backend=sglang needs SGLang (pip install 'r1mega[sglang]', GPU only)") from e
+    return sglang
+
+
+def request_seed(seed: int, dp_rank: int, index: int) -> int:
+    """A distinct, reproducible per-request seed (SGLang's ``sampling_seed`` is per request)."""
+    return (seed * 1_000_003 + dp_rank * 65_537 + index) % (2**31 - 1)
+
+
+def sampling_dict(params: SamplingParams, eos_id: int, seed: Optional[int]) -> dict[str, Any]:
+    sp: dict[str, Any] = {
+        "temperature": float(params.temperature),
+        "top_p": float(params.top_p),
+        "top_k": int(params.top_k) if params.top_k > 0 else -1,  # ours: 0 = off; SGLang: -1 = off, 1 = greedy
+        "max_new_tokens": int(params.max_new_tokens),
+        "stop_token_ids": [int(eos_id)],
+        "no_stop_trim": True,
+        "skip_special_tokens": False,
+    }
+    if seed is not None:
+        sp["sampling_seed"] = seed
+    return sp
+
+
+def to_rollout(prompt: list[int], out: dict[str, Any], eos_id: int) -> Rollout:
+    """One SGLang ``generate`` output -> Rollout (response ends with the stop token iff finished)."""
+    ids = [int(t) for t in out["output_ids"]]
+    meta = out.get("meta_info") or {}
+    entries = meta.get("output_token_logprobs") or []
+    lps = [float(e[0]) if e[0] is not None else math.nan for e in entries]
+    toks = [int(e[1]) for e in entries]
+    n = min(len(ids), len(toks))
+    if toks[:n] != ids[:n]:
+        raise RuntimeError(f"SGLang log-probs are not aligned with output_ids: {toks[:8]} vs {ids[:8]}")
+    reason = meta.get("finish_reason") or {}
+    kind = reason.get("type") if isinstance(reason, dict) else None
+    if kind == "abort":
+        raise RuntimeError(f"SGLang aborted a request: {reason.get('message')}")
+    finished = kind == "stop"
+    if finished:
+        stop = reason.get("matched")
+        stop = int(stop) if isinstance(stop, int) else eos_id
+        if not ids or ids[-1] != stop:  # a trimmed stop token goes back: the policy must learn to stop
+            ids.append(stop)
+    elif ids and ids[-1] == eos_id:
+        finished = True  # EOS as the very last allowed token
+    lps = lps[: len(ids)] + [math.nan] * (len(ids) - len(lps))
+    return Rollout(list(prompt), ids, lps, finished=finished)
+
+
+class SGLangRolloutEngine:
+    def __init__(
+        self,
+        cfg,
+        policy,
+        tokenizer,
+        *,
+        bucket_bytes: int = 512 << 20,
+        engine_kwargs: Optional[dict[str, Any]] = None,
+    ) -> None:
+        par = cfg.parallel
+        if par.pp != 1 or par.cp != 1:
+            raise ValueError(
+                f"rollout.backend=sglang needs parallel.pp=1 and parallel.cp=1 (got pp={par.pp}, cp={par.cp}): "
+                "each engine needs every layer of the model"
+            )
+        self.cfg, self.policy, self.tokenizer = cfg, policy, tokenizer
+        self.bucket_bytes = bucket_bytes
+        self.engine_kwargs = dict(engine_kwargs or {})
+        self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self._tp_group, self._tp_size, self._owner_rank, self._dp_rank = None, 1, 0, 0
+        if dist.is_available() and dist.is_initialized():
+            from megatron.core import parallel_state
+
+            self._tp_group = parallel_state.get_tensor_model_parallel_group()
+            self._tp_size = dist.get_world_size(self._tp_group)
+            self._owner_rank = dist.get_global_rank(self._tp_group, 0)
+            self._dp_rank = parallel_state.get_data_parallel_rank()
+        self.is_owner = self._tp_group is None or dist.get_rank(self._tp_group) == 0
+        self._engine = None
+        self._model_dir: Optional[Path] = None
+        self._released: set[str] = set()
+        self._weights_synced = False
+        base_gpu = self._check_gpu_layout()
+        if self.is_owner:
+            self._start(base_gpu)
+        self._release(list(ALL_TAGS))  # give the GPU back until the first generate
+
+    # ------------------------------------------------------------------------------ startup
+    def _check_gpu_layout(self) -> int:
+        """The owner's GPU index; with TP > 1 the group's GPUs must be consecutive on one node."""
+        if not torch.cuda.is_available():
+            return 0  # CPU: only the fake sglang of the tests gets here
+        gpu = torch.cuda.current_device()
+        if self._tp_size == 1:
+            return gpu
+        where: list = [None] * self._tp_size
+        dist.all_gather_object(where, (socket.gethostname(), gpu), group=self._tp_group)
+        host0, gpu0 = where[0]
+        if any(h != host0 or g != gpu0 + i for i, (h, g) in enumerate(where)):
+            raise ValueError(
+                f"rollout.backend=sglang: the TP group must own consecutive GPUs of one node, got {where}; "
+                "SGLang's tp_size workers are placed on GPUs base..base+tp-1"
+            )
+        return gpu0
+
+    def _start(self, base_gpu: int) -> None:
+        sgl = _import_sglang()
+        model = self.cfg.model
+        hf = hf_config_from_model_config(
+            model,
+            self.policy.vocab_size,
+            dtype="bfloat16" if self.dtype == torch.bfloat16 else "float32",
+            eos_token_id=int(self.tokenizer.eos_id),
+        )
+        self._model_dir = Path(tempfile.mkdtemp(prefix="r1mega_sglang_"))
+        (self._model_dir / "config.json").write_text(json.dumps(hf, indent=1))
+        kwargs: dict[str, Any] = dict(
+            model_path=str(self._model_dir),
+            load_format="dummy",  # weights come from the trainer (update_weights_from_tensor) before any use
+            dtype=hf["torch_dtype"],
+            skip_tokenizer_init=True,
+            attention_backend="triton",
+            sampling_backend="pytorch",
+            mem_fraction_static=self.cfg.rollout.sglang_mem_fraction,
+            enable_memory_saver=True,
+            disable_cuda_graph=True,
+            tp_size=self._tp_size,
+            base_gpu_id=base_gpu,
+            port=30000 + 100 * base_gpu,
+            random_seed=self.cfg.train.seed + self._dp_rank,
+            max_running_requests=self.cfg.rollout.max_batch_size,
+            log_level="error",
+        )
+        kwargs.update(self.engine_kwargs)
+        self._engine = sgl.Engine(**kwargs)
+
+    # ------------------------------------------------------------------------------ memory
+    def _release(self, tags: list[str]) -> None:
+        tags = [t for t in tags if t not in self._released]
+        if not tags:
+            return
+        if self._engine is not None:
+            self._engine.release_memory_occupation(tags=tags)
+        self._released.update(tags)
+        if WEIGHTS in tags:
+            self._weights_synced = False  # the memory saver does not keep the contents
+
+    def _resume(self, tags: list[str]) -> None:
+        tags = [t for t in tags if t in self._released]
+        if not tags:
+            return
+        if self._engine is not None:
+            self._engine.resume_memory_occupation(tags=tags)
+        self._released.difference_update(tags)
+
+    def release_memory(self) -> None:
+        self._release(list(ALL_TAGS))
+
+    def resume_memory(self) -> None:
+        self._resume(list(ALL_TAGS))
+
+    # ------------------------------------------------------------------------------ weights
+    def update_weights(self, source: WeightSource) -> None:
+        """Push the trainer's weights (collective over the TP / EP groups: every rank must call it)."""
+        model = getattr(source, "model", None)
+        model = self.policy.model if model is None else model
+        self._resume([WEIGHTS])  # the weights must be resident to be written; the KV cache can wait
+        for bucket in iter_hf_buckets(model, self.cfg.model, self.policy.vocab_size, self.bucket_bytes, self.dtype):
+            if self._engine is not None:
+                self._engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False)
+            del bucket
+        if self._engine is not None:
+            self._engine.flush_cache()  # no prefix computed with the old weights may be reused
+        self._weights_synced = True
+
+    # ------------------------------------------------------------------------------ generation
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
+        if not self._weights_synced:
+            self.update_weights(self.policy)
+        self.resume_memory()
+        out: Optional[list[Rollout]] = None
+        if self._engine is not None and prompts:
+            eos = int(self.tokenizer.eos_id)
+            seeds = [
+                None if params.seed is None else request_seed(params.seed, self._dp_rank, i)
+                for i in range(len(prompts))
+            ]
+            results = self._engine.generate(
+                input_ids=[list(map(int, p)) for p in prompts],
+                sampling_params=[sampling_dict(params, eos, s) for s in seeds],
+                return_logprob=True,
+            )
+            if len(results) != len(prompts):
+                raise RuntimeError(f"SGLang returned {len(results)} outputs for {len(prompts)} prompts")
+            out = [to_rollout(p, r, eos) for p, r in zip(prompts, results)]
+        elif self.is_owner:
+            out = []
+        if self._tp_size > 1:
+            box = [out]
+            dist.broadcast_object_list(box, src=self._owner_rank, group=self._tp_group)
+            out = box[0]
+        return out
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+        if self._model_dir is not None:
+            shutil.rmtree(self._model_dir, ignore_errors=True)
+            self._model_dir = None

@@ -1,0 +1,344 @@
+"""SGLangRolloutEngine against a fake ``sglang`` module (CPU): the request / response mapping, the bucketed
+weight push, and the release / resume ordering. The fake enforces what real SGLang needs: weights resident
+while they are written, everything resident while generating, weights pushed after every weight resume
+(the memory saver drops their contents), MLA ``q_a_proj`` + ``kv_a_proj_with_mqa`` in one call. One 2-rank
+run (TP=2, gloo) checks that only the first TP rank drives SGLang and the other receives its rollouts.
+
+The real engine on a GPU is not exercised here (see the module docstring of r1mega/rollout/sglang_engine.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from r1mega.config import Config
+from r1mega.data.tokenizer import CharTokenizer
+from r1mega.model.hf_export import export_hf, hf_config_from_model_config
+from r1mega.rollout.base import SamplingParams
+
+TAGS = {"kv_cache", "weights", "cuda_graph"}
+
+
+class FakeEngine:
+    """Records calls; raises where SGLang would fail or silently misbehave."""
+
+    instances: list[FakeEngine] = []
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.calls: list[tuple[str, object]] = [("init", None)]
+        self.offloaded: set[str] = set()
+        self.loaded: dict[str, torch.Tensor] = {}
+        self.buckets: list[list[str]] = []
+        self.config = json.loads((Path(kwargs["model_path"]) / "config.json").read_text())
+        self.responder = default_responder
+        FakeEngine.instances.append(self)
+
+    def release_memory_occupation(self, tags=None):
+        tags = list(tags or TAGS)
+        assert not self.offloaded & set(tags), f"released twice: {tags}"
+        self.offloaded |= set(tags)
+        if "weights" in tags:
+            self.loaded.clear()  # torch_memory_saver keeps no contents
+        self.calls.append(("release", tuple(sorted(tags))))
+
+    def resume_memory_occupation(self, tags=None):
+        for t in tags or TAGS:
+            self.offloaded.remove(t)  # KeyError on a tag that was not released, as SGLang
+        self.calls.append(("resume", tuple(sorted(tags or TAGS))))
+
+    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
+        assert "weights" not in self.offloaded, "weights written while released"
+        names = [n for n, _ in named_tensors]
+        for n in names:  # deepseek_weight_loader fuses these two within one load_weights call
+            if n.endswith("q_a_proj.weight"):
+                assert n.replace("q_a_proj", "kv_a_proj_with_mqa") in names, n
+        self.loaded.update({n: t.clone() for n, t in named_tensors})
+        self.buckets.append(names)
+        self.calls.append(("update", (len(names), flush_cache)))
+
+    def flush_cache(self):
+        self.calls.append(("flush", None))
+
+    def generate(self, input_ids=None, sampling_params=None, return_logprob=False, **kw):
+        assert not self.offloaded, f"generate while {self.offloaded} released"
+        assert self.loaded, "generate on dummy weights"
+        assert return_logprob and not kw
+        self.calls.append(("generate", len(input_ids)))
+        self.last_request = (input_ids, sampling_params)
+        return [self.responder(i, ids, sp) for i, (ids, sp) in enumerate(zip(input_ids, sampling_params))]
+
+    def shutdown(self):
+        self.calls.append(("shutdown", None))
+
+
+EOS = CharTokenizer().eos_id
+
+
+def default_responder(i, ids, sp):
+    """Request i: i % 3 == 0 stops at EOS after 3 tokens, 1 runs to max_new_tokens, 2 stops with the EOS
+    trimmed from output_ids but its log-prob reported (a layout some SGLang paths produce)."""
+    n = sp["max_new_tokens"]
+    if i % 3 == 1:
+        out = [(7 + i + k) % 20 + 5 for k in range(n)]
+        reason = {"type": "length", "length": n}
+    else:
+        out = [5 + i, 6 + i, EOS]
+        reason = {"type": "stop", "matched": EOS}
+    lps = [(-0.1 * (k + 1) - i, t, None) for k, t in enumerate(out)]
+    if i % 3 == 2:
+        out = out[:-1]
+    return {"output_ids": out, "meta_info": {"output_token_logprobs": lps, "finish_reason": reason}}
+
+
+def install_fake_sglang() -> None:
+    FakeEngine.instances.clear()
+    sys.modules["sglang"] = types.SimpleNamespace(Engine=FakeEngine, __version__="fake")
+
+
+def small_config(tp: int = 1, ep: int = 1) -> Config:
+    """A DeepSeek-V3-style MLA MoE with a dense first layer (exports as DeepseekV3ForCausalLM)."""
+    cfg = Config()
+    m = cfg.model
+    m.num_layers, m.hidden_size, m.ffn_hidden_size, m.max_position_embeddings = 3, 64, 128, 64
+    m.num_experts, m.moe_ffn_hidden_size, m.moe_shared_expert_intermediate_size = 4, 32, 32
+    m.first_k_dense_layers = 1
+    m.multi_latent_attention, m.q_lora_rank, m.kv_lora_rank, m.qk_layernorm = True, 32, 32, True
+    m.qk_head_dim, m.qk_pos_emb_head_dim, m.v_head_dim = 16, 8, 16
+    cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.etp = tp, ep, 1
+    cfg.rollout.backend, cfg.rollout.sglang_mem_fraction, cfg.rollout.max_batch_size = "sglang", 0.4, 96
+    return cfg
+
+
+def make_policy(cfg: Config, tok):
+    from r1mega.model.builder import build_gpt_model
+
+    model = build_gpt_model(cfg.model, cfg.parallel, cfg.train, tok.vocab_size, torch.device("cpu"))
+    return SimpleNamespace(model=model, vocab_size=tok.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    from r1mega.parallel.runtime import init_runtime, shutdown_runtime
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rt = init_runtime(Config().parallel, seed=0, device="cpu")
+    yield rt
+    shutdown_runtime()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def setup(runtime, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sglang", None)  # replaced below; restored after the test
+    install_fake_sglang()
+    from r1mega.rollout.sglang_engine import SGLangRolloutEngine
+
+    cfg, tok = small_config(), CharTokenizer()
+    policy = make_policy(cfg, tok)
+    engine = SGLangRolloutEngine(cfg, policy, tok, bucket_bytes=24 << 10)
+    yield cfg, tok, policy, engine, FakeEngine.instances[-1]
+    engine.shutdown()
+
+
+def kinds(fake, start=0):
+    return [c[0] for c in fake.calls[start:]]
+
+
+def test_startup_writes_config_and_releases(setup):
+    cfg, tok, policy, engine, fake = setup
+    kw = fake.kwargs
+    assert kw["load_format"] == "dummy" and kw["skip_tokenizer_init"] and kw["enable_memory_saver"]
+    assert (kw["attention_backend"], kw["sampling_backend"]) == ("triton", "pytorch")
+    assert (kw["mem_fraction_static"], kw["tp_size"], kw["max_running_requests"]) == (0.4, 1, 96)
+    want = hf_config_from_model_config(cfg.model, tok.vocab_size, dtype="float32", eos_token_id=tok.eos_id)
+    assert fake.config == json.loads(json.dumps(want))
+    assert fake.config["architectures"] == ["DeepseekV3ForCausalLM"] and fake.config["eos_token_id"] == EOS
+    assert kinds(fake) == ["init", "release"] and fake.offloaded == TAGS  # the GPU is the trainer's until generate
+
+
+def test_first_generate_pushes_weights_then_resumes(setup):
+    cfg, tok, policy, engine, fake = setup
+    engine.resume_memory()  # what the trainer does before generate
+    engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4))
+    seq = kinds(fake, 2)
+    assert seq[0] == "resume" and seq[-1] == "generate" and seq[-2] == "flush"
+    assert set(seq[1:-2]) == {"update"} and len(seq[1:-2]) > 3, "expected several buckets"
+    assert not any(c[1][1] for c in fake.calls if c[0] == "update"), "one flush_cache after the last bucket"
+    whole = dict(export_hf(policy.model, cfg.model, tok.vocab_size))
+    assert set(fake.loaded) == set(whole)
+    torch.testing.assert_close(fake.loaded, whole)
+    assert fake.loaded["model.embed_tokens.weight"].shape[0] == tok.vocab_size  # padded rows sliced off
+    assert sum(len(b) for b in fake.buckets) == len(whole)
+
+
+def test_trainer_cycle_release_update_resume(setup):
+    """generate -> release -> (train) -> update_weights -> resume -> generate: one push, weights first."""
+    cfg, tok, policy, engine, fake = setup
+    params = SamplingParams(max_new_tokens=4)
+    engine.resume_memory()
+    engine.generate([[1, 2]], params)
+    engine.release_memory()
+    assert fake.offloaded == TAGS and not fake.loaded
+    with torch.no_grad():
+        policy.model.embedding.word_embeddings.weight.add_(1.0)  # "training"
+    start = len(fake.calls)
+    engine.update_weights(SimpleNamespace(model=policy.model))
+    assert fake.calls[start] == ("resume", ("weights",)) and fake.offloaded == {"kv_cache", "cuda_graph"}
+    assert kinds(fake, start)[-1] == "flush"
+    emb = policy.model.embedding.word_embeddings.weight[: tok.vocab_size]
+    torch.testing.assert_close(fake.loaded["model.embed_tokens.weight"], emb)
+    start = len(fake.calls)
+    engine.resume_memory()
+    engine.generate([[1, 2]], params)
+    assert fake.calls[start:] == [("resume", ("cuda_graph", "kv_cache")), ("generate", 1)]  # no second push
+
+    # an evaluate-style release without an update: the contents are gone, so generate pushes again
+    engine.release_memory()
+    engine.resume_memory()
+    start = len(fake.calls)
+    engine.generate([[1, 2]], params)
+    assert "update" in kinds(fake, start) and kinds(fake, start)[-1] == "generate"
+    engine.release_memory()
+    engine.release_memory()  # idempotent: SGLang must not see a second release
+    engine.resume_memory()
+    engine.resume_memory()
+
+
+def test_request_and_response_mapping(setup):
+    cfg, tok, policy, engine, fake = setup
+    engine.resume_memory()
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [3, 3], [1]]
+    rolls = engine.generate(prompts, SamplingParams(temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=5, seed=11))
+    ids, sps = fake.last_request
+    assert ids == prompts
+    sp = sps[0]
+    assert (sp["temperature"], sp["top_p"], sp["top_k"], sp["max_new_tokens"]) == (0.7, 0.9, -1, 5)
+    assert sp["stop_token_ids"] == [EOS]
+    seeds = [s["sampling_seed"] for s in sps]
+    assert len(set(seeds)) == len(seeds), "the G copies of a prompt must not share a seed"
+    assert [r.prompt_ids for r in rolls] == prompts
+    for i, r in enumerate(rolls):
+        assert len(r.logprobs) == len(r.response_ids)
+        if i % 3 == 1:
+            assert not r.finished and len(r.response_ids) == 5 and EOS not in r.response_ids
+        else:  # EOS returned, or trimmed and restored with its reported log-prob
+            assert r.finished and r.response_ids == [5 + i, 6 + i, EOS]
+        assert r.logprobs == pytest.approx([-0.1 * (k + 1) - i for k in range(len(r.response_ids))])
+
+    again = engine.generate(prompts, SamplingParams(max_new_tokens=5, seed=11))
+    assert [s["sampling_seed"] for s in fake.last_request[1]] == seeds and len(again) == len(prompts)
+    engine.generate(prompts, SamplingParams(top_k=1, max_new_tokens=5))  # greedy, no seed
+    assert fake.last_request[1][0]["top_k"] == 1 and "sampling_seed" not in fake.last_request[1][0]
+
+
+def test_bad_responses_raise(setup):
+    cfg, tok, policy, engine, fake = setup
+    engine.resume_memory()
+    fake.responder = lambda i, ids, sp: {
+        "output_ids": [5, 6],
+        "meta_info": {"output_token_logprobs": [(-1.0, 6, None), (-1.0, 5, None)], "finish_reason": None},
+    }
+    with pytest.raises(RuntimeError, match="not aligned"):
+        engine.generate([[1]], SamplingParams(max_new_tokens=2))
+    fake.responder = lambda i, ids, sp: {"output_ids": [], "meta_info": {"finish_reason": {"type": "abort"}}}
+    with pytest.raises(RuntimeError, match="aborted"):
+        engine.generate([[1]], SamplingParams(max_new_tokens=2))
+    fake.responder = lambda i, ids, sp: {"output_ids": [5, EOS], "meta_info": {"finish_reason": {"type": "length"}}}
+    r = engine.generate([[1]], SamplingParams(max_new_tokens=2))[0]
+    assert r.finished and r.response_ids == [5, EOS] and all(math.isnan(x) for x in r.logprobs)
+
+
+def test_shutdown_and_layout_checks(setup):
+    cfg, tok, policy, engine, fake = setup
+    model_dir = Path(fake.kwargs["model_path"])
+    engine.shutdown()
+    assert fake.calls[-1] == ("shutdown", None) and not model_dir.exists()
+    from r1mega.rollout.sglang_engine import SGLangRolloutEngine
+
+    bad = small_config()
+    bad.parallel.pp = 2
+    with pytest.raises(ValueError, match="pp=1"):
+        SGLangRolloutEngine(bad, policy, tok)
+
+
+def test_build_engine_picks_sglang(setup, monkeypatch):
+    from r1mega.rollout.sglang_engine import SGLangRolloutEngine
+    from r1mega.train import build_engine
+
+    cfg, tok, policy, _, _ = setup
+    engine = build_engine(cfg, policy, tok)
+    assert isinstance(engine, SGLangRolloutEngine)
+    engine.shutdown()
+
+
+# ------------------------------------------------------------------------- TP=2 on 2 CPU ranks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tp2_owner_drives_sglang_and_broadcasts(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           __file__, str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["engines"] == 1 and r1["engines"] == 0  # one SGLang engine per TP group, on its first rank
+    assert r0["rollouts"] == r1["rollouts"] and len(r0["rollouts"]) == 3
+    assert r0["tp_size"] == 2 and r0["pushed"] == r0["expected"]  # whole (TP-gathered) tensors
+
+
+def _worker(out: Path) -> None:
+    import torch.distributed as dist
+
+    from r1mega.parallel.runtime import init_runtime, shutdown_runtime
+
+    torch.set_num_threads(1)
+    install_fake_sglang()
+    from r1mega.rollout.sglang_engine import SGLangRolloutEngine
+
+    cfg, tok = small_config(tp=2), CharTokenizer()
+    init_runtime(cfg.parallel, seed=0, device="cpu")
+    policy = make_policy(cfg, tok)
+    engine = SGLangRolloutEngine(cfg, policy, tok, bucket_bytes=32 << 10)
+    engine.resume_memory()
+    rolls = engine.generate([[1, 2], [3], [4, 5, 6]], SamplingParams(max_new_tokens=4, seed=3))
+    expected = {n: list(t.shape) for n, t in export_hf(policy.model, cfg.model, tok.vocab_size)}
+    fake = FakeEngine.instances[0] if FakeEngine.instances else None
+    result = {
+        "engines": len(FakeEngine.instances),
+        "rollouts": [[r.prompt_ids, r.response_ids, r.finished] for r in rolls],
+        "tp_size": fake.kwargs["tp_size"] if fake else None,
+        "pushed": {n: list(t.shape) for n, t in fake.loaded.items()} if fake else None,
+        "expected": expected,
+    }
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    engine.shutdown()
+    shutdown_runtime()
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    _worker(Path(sys.argv[1]))
