@@ -1,4 +1,5 @@
-"""TP=2, EP=2 and PP=2 on 2 CPU ranks give the same log-probs, GRPO loss and update as 1 rank.
+"""TP=2, EP=2, PP=2, DP=2 (2 CPU ranks) and TP=2 x EP=2 (4 ranks) give the same log-probs, GRPO loss and
+update as 1 rank.
 
 Each layout runs tests/parallel_worker.py in fresh processes (megatron's parallel state is global),
 loads the same weights from a megatron dist checkpoint saved by the 1-rank run, and computes on the
@@ -50,13 +51,13 @@ def reference(request, tmp_path_factory):
     return tmp, extra, json.loads((tmp / "ws1.json").read_text())
 
 
-@pytest.mark.parametrize("layout", ["tp2", "ep2", "pp2"])
-def test_layout_matches_single_rank(reference, layout):
+@pytest.mark.parametrize("layout,nproc", [("tp2", 2), ("ep2", 2), ("pp2", 2), ("dp2", 2), ("tp2ep2", 4)])
+def test_layout_matches_single_rank(reference, layout, nproc):
     tmp, extra, ref = reference
     if extra and layout != "tp2":
         pytest.skip("MLA is checked under TP=2 (the layout that shards its projections); EP/PP are attention-agnostic")
     out = tmp / f"{layout}.json"
-    _run(["--layout", layout, "--ckpt", str(tmp / "ckpt"), "--out", str(out), *extra], 2)
+    _run(["--layout", layout, "--ckpt", str(tmp / "ckpt"), "--out", str(out), *extra], nproc)
     got = json.loads(out.read_text())
     mask = torch.tensor(ref["mask"])
 

@@ -625,3 +625,81 @@ def _grpo_split_kernel(
             x_nxt, ut_nxt, loc_nxt = x_nn, ut_nn, loc_nn
         else:
             x_cur, ut_cur, loc_cur = x_nn, ut_nn, loc_nn
+
+
+# ------------------------------------------------------------------------------- split-row GRPO, L2 re-read ("l2")
+# Same exchange as above (PART pre-filled with NaN, bounded poll, ERR flag + host-enqueued fallback), but nothing is
+# held in registers across the wait: a program streams its chunk once for the partial stats (first read, kept in L2
+# with EVICT1), publishes, waits for its siblings, then streams the chunk AGAIN for the gradient. Splitting the row
+# over K programs shrinks what is read-but-not-yet-re-read to ~(programs in flight) x (row bytes / K), which fits in
+# L2 (H200: 2 x 132 x 304 KB / K = 40 MB at K = 2), so the second read should come from L2: DRAM traffic ~4TV.
+
+
+@triton.jit
+def _grpo_l2_kernel(
+    X, stride_xb, stride_xl, DX, stride_db, stride_dl, L_inner,
+    TGT, OLD, REF, ADV, W,
+    LOSS, OUT_LOGP, OUT_ENT, OUT_CLIP, OUT_KL, PART, ERR,
+    T, V, K, CHUNK, vocab_start, scale2, inv_tau, eps_low, eps_high, beta, max_spin,
+    HAS_REF: tl.constexpr, WRITE_GRAD: tl.constexpr, PUBLISH: tl.constexpr, FINISH: tl.constexpr,
+    BLOCK_V: tl.constexpr, SUB: tl.constexpr, KP: tl.constexpr, REVERSE: tl.constexpr, EVICT1: tl.constexpr,
+):  # fmt: skip
+    """Program pid = g * K + k handles columns [k * CHUNK, min((k + 1) * CHUNK, V)) of rows g, g + G, ...
+    (G = grid / K; CHUNK a multiple of 16 elements so that the chunk start keeps 16-byte alignment). PUBLISH and
+    FINISH: one launch (siblings must be co-resident: the host sizes the grid to the occupancy); PUBLISH then FINISH
+    as two launches ("l2-phased"): the kernel boundary is the barrier (the CPU interpreter's K > 1 check).
+    Sweep 1 (PUBLISH): per-tile-row stats of the chunk (``_row_stats_vec``) + the target logit if the chunk owns it
+    -> PART[row, :, k]. Sweep 2 (FINISH): merge the K partials, per-token terms (stored by sibling 0), gradient of
+    the chunk from a re-read (REVERSE: newest blocks first). Rows with weight 0 (or after an error) are not read."""
+    pid = tl.program_id(0)
+    G = tl.num_programs(0) // K
+    g = pid // K
+    k = pid - g * K
+    col0 = k * CHUNK
+    n_cols = tl.minimum(CHUNK, V - col0)
+    offs = tl.arange(0, BLOCK_V)
+    n_full = n_cols // BLOCK_V
+    tail = n_full * BLOCK_V
+    ok = pid >= 0
+    for row in range(g, T, G):
+        w = tl.load(W + row).to(tl.float32)
+        keep = (w != 0.0) & ok
+        act = tl.where(keep, 1.0, 0.0)
+        x_row = X + _row_offset(row, L_inner, stride_xb, stride_xl) + col0
+        local = tl.load(TGT + row).to(tl.int64) - vocab_start - col0  # target column relative to the chunk
+        if PUBLISH:
+            if keep:
+                m, d, sd = _row_stats_vec(x_row, n_cols, scale2, act, BLOCK_V, SUB, EVICT1)
+                owned = (local >= 0) & (local < n_cols)
+                ut = tl.load(x_row + local, mask=owned, other=0.0).to(tl.float32) * scale2
+                base = PART + tl.cast(row, tl.int64) * (4 * K) + k
+                tl.store(base, m)
+                tl.store(base + K, d)
+                tl.store(base + 2 * K, sd)
+                tl.store(base + 3 * K, ut)
+        if FINISH:
+            m, d, sd, ut, ok_row = _split_gather(PART, ERR, row, K, keep, max_spin, KP)
+            ok = ok & ok_row
+            lse2, coef = _grpo_token(
+                row, ut, m, d, sd, w, k == 0, OLD, REF, ADV, LOSS, OUT_LOGP, OUT_ENT, OUT_CLIP, OUT_KL,
+                inv_tau, eps_low, eps_high, beta, HAS_REF,
+            )  # fmt: skip
+            if WRITE_GRAD:
+                dx_row = DX + _row_offset(row, L_inner, stride_db, stride_dl) + col0
+                rd = (tl.zeros((BLOCK_V,), tl.float32) + act) != 0.0  # uniform: keeps 16-byte vectors
+                if tail < n_cols:
+                    cols = tail + offs
+                    cm = cols < n_cols
+                    z = tl.load(x_row + cols, mask=cm & rd, other=0.0, eviction_policy="evict_first")
+                    p = tl.exp2(z.to(tl.float32) * scale2 - lse2)
+                    gx = coef * (tl.where(cols == local, 1.0, 0.0) - p)
+                    tl.store(dx_row + cols, gx.to(DX.dtype.element_ty), mask=cm, eviction_policy="evict_first")
+                for i in range(0, n_full):
+                    if REVERSE:
+                        cols = (n_full - 1 - i) * BLOCK_V + offs
+                    else:
+                        cols = i * BLOCK_V + offs
+                    z = tl.load(x_row + cols, mask=rd, other=0.0, eviction_policy="evict_first")
+                    p = tl.exp2(z.to(tl.float32) * scale2 - lse2)
+                    gx = coef * (tl.where(cols == local, 1.0, 0.0) - p)
+                    tl.store(dx_row + cols, gx.to(DX.dtype.element_ty), eviction_policy="evict_first")

@@ -38,6 +38,10 @@ class KernelConfig:
     (``_kernels._grpo_split_kernel``; block_v = the columns one program holds, progs_per_sm = cap on programs per
     SM, 0 = the occupancy), "phased" = the same math as two launches, "" = off (use "grpo_fused"). skew: publish
     row i + 1 before waiting for row i. max_spin: poll rounds before a wait gives up (then the fallback runs).
+    split = "l2": the same exchange, but each program streams its chunk twice (stats, then gradient: the re-read
+    should hit L2) instead of holding it in registers (``_kernels._grpo_l2_kernel``): k_split = siblings per row,
+    block_v = tile of a sweep, sub = per-tile-row stats width, evict1 = cache hint of the first read; "l2-phased" =
+    the same as two launches (CPU checks of the K > 1 math).
     """
 
     block_v: int
@@ -52,6 +56,8 @@ class KernelConfig:
     skew: bool = True
     max_spin: int = 1 << 17
     maxnreg: int = 0
+    k_split: int = 2
+    evict1: str = "evict_last"
 
 
 def _interpreting() -> bool:
@@ -70,7 +76,9 @@ CONFIGS: dict[str, KernelConfig] = {
     "grpo_grad": KernelConfig(block_v=4096, num_warps=16, num_stages=1, progs_per_sm=0, reverse=False),
     # single-rank GRPO, rows split over co-resident programs (one read of the logits): OFF by default. Correct, but
     # 13.5 ms vs 7.2 ms for "grpo_fused" on the H200 (docs/perf/kernels.md: too few rows in flight when they must be
-    # held in registers); this is the best config of its sweep: set split="fused" to use it.
+    # held in registers); this is the best config of its sweep: set split="fused" to use it. The L2 re-read variant
+    # (split="l2") was also slower: best KernelConfig(8192, 32, 1, sub=16, split="l2", k_split=2) at 9.97 ms vs 7.29 ms
+    # (1 program per SM: latency-bound; docs/perf/kernels.md).
     "grpo_split": KernelConfig(block_v=4096, num_warps=4, num_stages=1, split="", skew=True, maxnreg=128),
     # the split kernel's on-device fallback (runs only after a wait timed out): persistent, so that its no-op
     # launch is cheap
@@ -243,15 +251,17 @@ def split_fallbacks(device: torch.device | str | None = None) -> int:
     return 0 if t is None else int(t.item())
 
 
-def _split_occupancy(cfg: KernelConfig, args: tuple, kwargs: dict, dev: torch.device) -> int:
+def _split_occupancy(cfg: KernelConfig, args: tuple, kwargs: dict, dev: torch.device, kernel=None) -> int:
     """Programs of the split kernel that fit on one SM at once, from the compiled kernel's registers and shared
     memory (the fused-softmax tutorial's recipe); 1 (always co-resident) if that cannot be determined."""
-    key = (str(dev), tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+    kernel = K._grpo_split_kernel if kernel is None else kernel
+    key = (str(dev), str(getattr(kernel, "__name__", id(kernel))))
+    key += tuple(sorted((k, str(v)) for k, v in kwargs.items()))
     key += tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
     if key not in _OCCUPANCY:
         occ, info = 1, {}
         try:
-            kern = K._grpo_split_kernel.warmup(*args, grid=(1,), **kwargs)
+            kern = kernel.warmup(*args, grid=(1,), **kwargs)
             kern._init_handles()
             n_regs, smem = int(kern.n_regs), int(kern.metadata.shared)
             props = triton.runtime.driver.active.utils.get_device_properties(dev.index or 0)
@@ -292,6 +302,11 @@ def _try_split(
     """Single-rank GRPO with the gradient through the split-row kernel; False if it does not apply here."""
     cfg = _config("grpo_split")
     dev = rows.tensor.device
+    if cfg.split in ("l2", "l2-phased") and (_interpreting() or dev.type == "cuda"):
+        return _try_split_l2(
+            cfg, rows, drows, tgt, old, ref, adv, w, loss_tok, logp, ent, clip, kl, vocab_start, scale2, inv_tau,
+            eps_low, eps_high, beta, has_ref,
+        )  # fmt: skip
     if cfg.split not in ("fused", "phased") or not (_interpreting() or dev.type == "cuda"):
         return False
     n, V = rows.n_rows, rows.vocab
@@ -349,10 +364,80 @@ def _try_split(
     SPLIT_INFO.update(
         mode=cfg.split, chunk=chunk, packed=packed, siblings=k_sib, groups=groups, grid=groups * k_sib, err=err
     )
+    _launch_split_fallback(
+        rows, drows, tgt, old, ref, adv, w, loss_tok, logp, ent, clip, kl, vocab_start, scale2, inv_tau,
+        eps_low, eps_high, beta, has_ref, err,
+    )  # fmt: skip
+    return True
+
+
+def _launch_split_fallback(
+    rows, drows, tgt, old, ref, adv, w, loss_tok, logp, ent, clip, kl, vocab_start, scale2, inv_tau,
+    eps_low, eps_high, beta, has_ref, err,
+) -> None:  # fmt: skip
+    """Enqueue the safe two-sweep kernel with CHECK_ERR: a ~us no-op unless a split-kernel wait timed out."""
+    dev = rows.tensor.device
     fb = _config("grpo_fallback")
     _launch_grpo_kernel(
-        fb, (_num_programs(fb, n, dev),), rows, drows, tgt, old, ref, adv, w, logp, logp, loss_tok, ent, clip, kl,
-        vocab_start, scale2, inv_tau, eps_low, eps_high, beta, has_ref, True, True, err, _fallback_counter(dev),
+        fb, (_num_programs(fb, rows.n_rows, dev),), rows, drows, tgt, old, ref, adv, w, logp, logp, loss_tok, ent,
+        clip, kl, vocab_start, scale2, inv_tau, eps_low, eps_high, beta, has_ref, True, True, err,
+        _fallback_counter(dev),
+    )  # fmt: skip
+
+
+def _try_split_l2(
+    cfg, rows, drows, tgt, old, ref, adv, w, loss_tok, logp, ent, clip, kl, vocab_start, scale2, inv_tau,
+    eps_low, eps_high, beta, has_ref,
+) -> bool:  # fmt: skip
+    """Single-rank GRPO through ``_grpo_l2_kernel`` (rows split over k_split siblings, each chunk read twice, the
+    second time from L2); False if it does not apply here."""
+    dev = rows.tensor.device
+    n, V = rows.n_rows, rows.vocab
+    # chunk: a multiple of 16 elements (keeps the 16-byte alignment of the chunk starts); siblings = non-empty chunks
+    chunk = max(16, -(-triton.cdiv(V, max(1, cfg.k_split)) // 16) * 16)
+    k_sib = triton.cdiv(V, chunk)
+    kp = max(2, triton.next_power_of_2(k_sib))
+    block = max(16, min(cfg.block_v, triton.next_power_of_2(chunk)))
+    sub = min(cfg.sub, block) if cfg.sub > 0 else 16
+    part = torch.full((n * 4 * k_sib,), math.nan, dtype=torch.float32, device=dev)
+    err = torch.zeros(1, dtype=torch.int32, device=dev)
+    args = (
+        rows.tensor, rows.stride_b, rows.stride_l, drows.tensor, drows.stride_b, drows.stride_l, rows.l_inner,
+        tgt, old, ref, adv, w, loss_tok, logp, ent, clip, kl, part, err,
+        n, V, k_sib, chunk, vocab_start, scale2, inv_tau, float(eps_low), float(eps_high), float(beta), cfg.max_spin,
+    )  # fmt: skip
+    const = dict(
+        HAS_REF=has_ref, WRITE_GRAD=True, BLOCK_V=block, SUB=sub, KP=kp, REVERSE=cfg.reverse, EVICT1=cfg.evict1
+    )
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.maxnreg > 0 and not _interpreting():
+        launch["maxnreg"] = cfg.maxnreg
+    if cfg.split == "l2":
+        if _interpreting():
+            groups = min(n, 3)
+        else:
+            occ = _split_occupancy(
+                cfg, args, dict(const, PUBLISH=True, FINISH=True, **launch), dev, K._grpo_l2_kernel
+            )  # fmt: skip
+            if cfg.progs_per_sm > 0:
+                occ = min(occ, cfg.progs_per_sm)
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count
+            groups = min(n, (sms * occ) // k_sib)
+            SPLIT_INFO.update(occupancy=occ, sms=sms)
+        if groups < 1:
+            return False
+        K._grpo_l2_kernel[(groups * k_sib,)](*args, PUBLISH=True, FINISH=True, **const, **launch)
+    else:
+        groups = min(n, 3) if _interpreting() else min(n, max(1, 2 * 132 // k_sib))
+        K._grpo_l2_kernel[(groups * k_sib,)](*args, PUBLISH=True, FINISH=False, **const, **launch)
+        K._grpo_l2_kernel[(groups * k_sib,)](*args, PUBLISH=False, FINISH=True, **const, **launch)
+    SPLIT_INFO.update(
+        mode=cfg.split, chunk=chunk, block=block, packed=False, siblings=k_sib, groups=groups, grid=groups * k_sib,
+        err=err,
+    )  # fmt: skip
+    _launch_split_fallback(
+        rows, drows, tgt, old, ref, adv, w, loss_tok, logp, ent, clip, kl, vocab_start, scale2, inv_tau,
+        eps_low, eps_high, beta, has_ref, err,
     )  # fmt: skip
     return True
 

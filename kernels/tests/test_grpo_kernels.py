@@ -12,7 +12,7 @@ from r1mega_kernels import KernelConfig, ops
 
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 
-# single-rank GRPO implementations. Split-row kernel (CONFIGS["grpo_split"], the GPU default out of place): as
+# single-rank GRPO implementations. Split-row kernel (CONFIGS["grpo_split"], opt-in, out of place only): as
 # two launches with K > 1 siblings per row (the interpreter default: checks slicing, the partial merge, tails), as
 # one launch with K = 1 (a program is its own sibling: checks the software pipeline and the wait, with and without
 # skew), and one launch with K > 1, which the interpreter cannot co-schedule: every wait times out and the
@@ -24,6 +24,11 @@ GRPO_VARIANTS = {
     "split-fused-k1": (KernelConfig(1024, 1, 1, split="fused", skew=True), None),
     "split-fused-k1-noskew": (KernelConfig(1024, 1, 1, split="fused", skew=False), None),
     "split-timeout-fallback": (KernelConfig(128, 1, 1, split="fused", max_spin=2), None),
+    # L2 re-read split kernel: K = 3 siblings as two launches; K = 1 in one launch (its own sibling: the wait);
+    # K = 2 in one launch (siblings cannot meet on the interpreter: timeout -> fallback)
+    "split-l2-phased": (KernelConfig(64, 1, 1, split="l2-phased", k_split=3, sub=16), None),
+    "split-l2-k1": (KernelConfig(128, 1, 1, split="l2", k_split=1, sub=16, reverse=False, evict1=""), None),
+    "split-l2-timeout-fallback": (KernelConfig(128, 1, 1, split="l2", k_split=2, max_spin=2), None),
     "default": (_OFF, ops.INTERP_CONFIGS["grpo_fused"]),
     "interleaved": (_OFF, KernelConfig(block_v=256, num_warps=1, num_stages=1, sub=16, interleave=True)),
     "fused-block": (_OFF, KernelConfig(block_v=256, num_warps=1, num_stages=1, sub=0, reverse=False)),
@@ -128,6 +133,34 @@ def test_grpo_split_strided_packed(poison, monkeypatch: pytest.MonkeyPatch) -> N
     _check_grad(x.grad, grad_r, torch.bfloat16)
 
 
+@pytest.mark.parametrize(
+    "k_split,block,dtype", [(3, 64, torch.bfloat16), (4, 32, torch.float32), (1, 128, torch.bfloat16)]
+)
+def test_grpo_split_l2_strided(poison, monkeypatch: pytest.MonkeyPatch, k_split, block, dtype) -> None:
+    """L2 split kernel (two launches) on a [B, L+1, V][:, :-1] bf16 view with uneven chunks (V = 300 over K
+    siblings: chunks of a multiple of 16 columns, the last one shorter), with masked rows."""
+    cfg = KernelConfig(block, 1, 1, split="l2-phased", k_split=k_split, sub=16)
+    monkeypatch.setitem(ops.INTERP_CONFIGS, "grpo_split", cfg)
+    full = _logits((2, 6, 300), dtype)
+    z = full[:, :-1]
+    y = torch.randint(0, 300, (2, 5))
+    y[0, :3] = torch.tensor([0, 111, 299])  # targets at the chunk edges
+    old, ref, adv, w = make_grpo_inputs(z, y, 0.9)
+    w[1, 2] = 0.0
+    loss_r, stats_r, grad_r = ref_grpo(z, y, old, ref, adv, w, EPS_LOW, EPS_HIGH, 0.04, 0.9)
+    x = z.detach().requires_grad_()
+    loss, stats = rk.grpo_loss(x, y, old, ref, adv, w, EPS_LOW, EPS_HIGH, 0.04, 0.9)
+    loss.backward()
+    assert ops.SPLIT_INFO["mode"] == "l2-phased" and ops.SPLIT_INFO["siblings"] == k_split
+    assert int(ops.SPLIT_INFO["err"].item()) == 0
+    assert abs(float(loss) - float(loss_r)) <= 1e-5 * (abs(float(loss_r)) + float(w.abs().sum()))
+    torch.testing.assert_close(stats.logp.double(), stats_r[0], rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(stats.entropy.double(), stats_r[1], rtol=1e-5, atol=5e-5)
+    assert torch.equal(stats.is_clipped, stats_r[2])
+    _check_grad(x.grad, grad_r, dtype)
+    assert bool((x.grad[1, 2] == 0).all())
+
+
 def test_grpo_split_timeout_sets_flag(poison, monkeypatch: pytest.MonkeyPatch) -> None:
     """A split kernel whose siblings cannot meet (interpreter, K > 1, one launch) flags the timeout, the fallback
     recomputes on the device and counts the event; siblings that can meet (K = 1) flag nothing."""
@@ -140,6 +173,16 @@ def test_grpo_split_timeout_sets_flag(poison, monkeypatch: pytest.MonkeyPatch) -
     _grpo_case(torch.bfloat16, (7, 300), 1.0, 0.04, True, False)
     assert int(ops.SPLIT_INFO["err"].item()) == 0 and ops.SPLIT_INFO["siblings"] == 1
     assert ops.split_fallbacks("cpu") == before + 1
+    # the same for the L2 re-read split kernel
+    monkeypatch.setitem(ops.INTERP_CONFIGS, "grpo_split", KernelConfig(128, 1, 1, split="l2", k_split=3, max_spin=3))
+    _grpo_case(torch.bfloat16, (7, 300), 1.0, 0.04, True, False)
+    assert ops.SPLIT_INFO["mode"] == "l2" and ops.SPLIT_INFO["siblings"] == 3
+    assert int(ops.SPLIT_INFO["err"].item()) == 1
+    assert ops.split_fallbacks("cpu") == before + 2
+    monkeypatch.setitem(ops.INTERP_CONFIGS, "grpo_split", KernelConfig(128, 1, 1, split="l2", k_split=1))
+    _grpo_case(torch.bfloat16, (7, 300), 1.0, 0.04, True, False)
+    assert int(ops.SPLIT_INFO["err"].item()) == 0 and ops.SPLIT_INFO["siblings"] == 1
+    assert ops.split_fallbacks("cpu") == before + 2
 
 
 def _grpo_case(dtype, shape, tau, beta, use_ref, inplace) -> None:
