@@ -24,14 +24,16 @@ def padded_vocab_size(vocab_size: int, model: ModelConfig, tp: int) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def te_available(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
+def _te_importable() -> bool:
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def te_available(device: torch.device) -> bool:
+    return device.type == "cuda" and _te_importable()
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, on_gpu: bool):
@@ -91,7 +93,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: Trai
             moe_router_load_balancing_type=model.moe_load_balancing_type,
             moe_aux_loss_coeff=model.moe_aux_loss_coeff,
             moe_token_dispatcher_type=model.moe_token_dispatcher_type,
-            moe_grouped_gemm=model.moe_grouped_gemm and on_gpu,
+            moe_grouped_gemm=model.moe_grouped_gemm and on_gpu and _te_importable(),  # TEGroupedMLP only
             moe_layer_freq=[0] * k + [1] * (model.num_layers - k) if k else 1,
         )
     if train.fp8:
@@ -167,6 +169,23 @@ def _replicated_linear():
     return Linear
 
 
+def _without_te_fixes() -> None:
+    """megatron-core 0.16.1 bugs that bite whenever Transformer Engine is absent (CPU, or a GPU without TE).
+
+    The TE extension module still imports (its classes become MagicMocks), so MLA's
+    ``try: from ...transformer_engine import TELinear`` succeeds and ``isinstance(x, TELinear)`` raises;
+    and moe_utils binds ``te_general_gemm`` only when TE imports, yet the router reads it (NameError).
+    """
+    from megatron.core.extensions import transformer_engine as te_ext
+    from megatron.core.transformer import multi_latent_attention as mla
+    from megatron.core.transformer.moe import moe_utils
+
+    if not te_ext.HAVE_TE:
+        mla.HAVE_TE = False
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def _local_block_spec(tcfg, use_te: bool):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -174,6 +193,7 @@ def _local_block_spec(tcfg, use_te: bool):
     block = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=use_te, normalization=tcfg.normalization)
     if use_te:
         return block
+    _without_te_fixes()
     block = TransformerBlockSubmodules(layer_specs=list(block.layer_specs), layer_norm=block.layer_norm)
     mla_attn = _mla_local_core_attention() if tcfg.multi_latent_attention else None
     sp_norm = _sp_torch_norm() if tcfg.sequence_parallel else None

@@ -92,20 +92,12 @@ def _patch_torch_cuda() -> None:
 
 
 def _patch_megatron() -> None:
-    from megatron.core.extensions import transformer_engine as te_ext
+    # (The two TE-absence bugs, MLA's mocked TELinear and the router's te_general_gemm, are not CPU
+    # issues: r1mega.model.builder fixes them for every build without Transformer Engine.)
     from megatron.core.inference import communication_utils
     from megatron.core.tensor_parallel import random as mrandom
-    from megatron.core.transformer import multi_latent_attention as mla
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
-    # moe_utils binds te_general_gemm only inside `try: import transformer_engine`, yet the router's
-    # RouterGatingLinearFunction reads it unconditionally -> NameError without TE.
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-    # Without TE the TE extension module still imports (its classes are MagicMocks), so MLA's
-    # `try: from ...transformer_engine import TELinear` succeeds and isinstance() on a mock fails.
-    if not te_ext.HAVE_TE:
-        mla.HAVE_TE = False
     # The alltoall dispatcher converts EP split sizes with maybe_move_tensor_to_cpu(as_numpy=True),
     # which only converts CUDA tensors: CPU tensors reach all_to_all_single(output_split_sizes=...).
     orig = moe_utils.maybe_move_tensor_to_cpu

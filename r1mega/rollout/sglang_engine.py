@@ -1,9 +1,14 @@
 """Rollouts from SGLang, colocated on the trainer's GPUs; weights pushed in memory after each update.
 
-STATUS: the GPU path is verified ONLY against a fake ``sglang`` module on the CPU so far
+STATUS: experimental. On the CPU it is tested against a fake ``sglang`` module
 (tests/test_sglang_engine.py: request / response mapping, bucketed weight push, release / resume
-ordering, the TP=2 broadcast). The weight layouts it pushes are proven against transformers
-(tests/test_hf_export.py); SGLang itself has not run this module yet.
+ordering, the TP=2 broadcast), and the weight layouts it pushes are proven against transformers
+(tests/test_hf_export.py). On the H200 (tools/device/sglang_probe.py, 2026-11-29, docs/perf/sglang_probe.md)
+it started (31 s), pushed, generated, released 44 GB and after release -> update -> resume reproduced its
+own outputs exactly; but on the same bf16 weights of a tiny DeepSeek-V3-architecture policy its greedy
+answers matched megatron's engine on only 2 of 4 prompts, with mean |log-prob gap| 0.23: a semantic
+mismatch between SGLang's DeepSeek-V3 model and megatron's (transformers matches megatron to 2e-5) that
+must be found before this backend is used for training.
 
 Layout (one SGLang engine per trainer TP group):
 
