@@ -145,14 +145,19 @@ def _stop_workers(workers: list[_Worker], graceful: bool = True) -> None:
     for w in workers:
         if graceful:
             w.proc.join(timeout=0.5)
-        if w.proc.is_alive():
-            w.proc.kill()
-            w.proc.join(timeout=2.0)
-        try:
-            w.conn.close()
-        except OSError:
-            pass
+        _kill(w)
     workers.clear()
+
+
+def _kill(w: _Worker) -> None:
+    """Kill a worker process (a no-op if it already exited) and close its pipe."""
+    if w.proc.is_alive():
+        w.proc.kill()
+    w.proc.join(timeout=2.0)
+    try:
+        w.conn.close()
+    except OSError:
+        pass
 
 
 class RewardScorer:
@@ -268,13 +273,7 @@ class RewardScorer:
 
     def _replace(self, w: _Worker) -> None:
         """Kill ``w`` (hung, crashed or failed to start) and start a fresh worker in its slot."""
-        if w.proc.is_alive():
-            w.proc.kill()
-        w.proc.join(timeout=2.0)
-        try:
-            w.conn.close()
-        except OSError:
-            pass
+        _kill(w)
         self._workers[self._workers.index(w)] = self._spawn()
         self.num_restarts += 1
 
