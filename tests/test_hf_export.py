@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,6 +33,7 @@ from r1mega.model.hf_export import (
     hf_config_from_model_config,
     iter_hf_buckets,
 )
+from tests.launch import run_ranks
 from tests.test_model_configs import NAMES, load_yaml, shrink
 
 transformers = pytest.importorskip("transformers")
@@ -238,23 +236,10 @@ def test_unexportable_architecture_is_named():
 # ------------------------------------------------------------------------- TP=2 x EP=2 on 2 CPU ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tp2_ep2_export_matches_hf(tmp_path):
     """Each rank holds half the heads / query groups / FFN / vocab rows and half the experts; the gathered
     export must still be the model megatron computes (its logits gathered over TP)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           __file__, str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_ranks(__file__, [str(tmp_path)], nproc=2)
     toks = tokens()
     for name in PARALLEL_NAMES:
         ours = torch.load(tmp_path / name / "megatron_logits.pt")

@@ -11,43 +11,23 @@ or doubled all-reduce changes the update).
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.launch import run_ranks
+
 WORKER = Path(__file__).with_name("parallel_worker.py")
 TOL = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(args: list[str], nproc: int, timeout: int = 240) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    if nproc == 1:
-        cmd = [sys.executable, str(WORKER), *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", str(WORKER), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
 @pytest.fixture(scope="module", params=["gqa", "mla"])
 def reference(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     extra = ["--mla"] if request.param == "mla" else []
-    _run(["--layout", "ws1", "--ckpt", str(tmp / "ckpt"), "--out", str(tmp / "ws1.json"), "--save", *extra], 1)
+    args = ["--layout", "ws1", "--ckpt", str(tmp / "ckpt"), "--out", str(tmp / "ws1.json"), "--save", *extra]
+    run_ranks(WORKER, args, 1)
     return tmp, extra, json.loads((tmp / "ws1.json").read_text())
 
 
@@ -57,7 +37,7 @@ def test_layout_matches_single_rank(reference, layout, nproc):
     if extra and layout != "tp2":
         pytest.skip("MLA is checked under TP=2 (the layout that shards its projections); EP/PP are attention-agnostic")
     out = tmp / f"{layout}.json"
-    _run(["--layout", layout, "--ckpt", str(tmp / "ckpt"), "--out", str(out), *extra], nproc)
+    run_ranks(WORKER, ["--layout", layout, "--ckpt", str(tmp / "ckpt"), "--out", str(out), *extra], nproc)
     got = json.loads(out.read_text())
     mask = torch.tensor(ref["mask"])
 

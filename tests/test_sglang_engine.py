@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -26,6 +23,7 @@ from r1mega.config import Config
 from r1mega.data.tokenizer import CharTokenizer
 from r1mega.model.hf_export import export_hf, hf_config_from_model_config
 from r1mega.rollout.base import SamplingParams
+from tests.launch import run_ranks
 
 TAGS = {"kv_cache", "weights", "cuda_graph"}
 
@@ -287,21 +285,8 @@ def test_build_engine_picks_sglang(setup, monkeypatch):
 # ------------------------------------------------------------------------- TP=2 on 2 CPU ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tp2_owner_drives_sglang_and_broadcasts(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           __file__, str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_ranks(__file__, [str(tmp_path)], nproc=2)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["engines"] == 1 and r1["engines"] == 0  # one SGLang engine per TP group, on its first rank
     assert r0["rollouts"] == r1["rollouts"] and len(r0["rollouts"]) == 3
