@@ -19,6 +19,7 @@ import torch.distributed as dist
 import triton
 
 from . import _kernels as K
+from . import cuda_grpo
 from ._dist import all_gather_stats, combine_stats
 
 _LOG2E = 1.0 / math.log(2.0)
@@ -93,6 +94,12 @@ INTERP_CONFIGS: dict[str, KernelConfig] = {
     "grpo_split": KernelConfig(block_v=256, num_warps=1, num_stages=1, split="", skew=False),
     "grpo_fallback": KernelConfig(block_v=256, num_warps=1, num_stages=1, sub=16),
 }
+
+
+# Single-rank GRPO with a bf16 gradient on sm_90+: the one-read cluster kernel (cuda_grpo.py, grpo_cluster.cu);
+# None = off (the Triton kernels above instead). LAST_GRPO_PATH says which kernel the last grpo_loss call used.
+GRPO_CLUSTER: cuda_grpo.ClusterConfig | None = cuda_grpo.ClusterConfig(cluster=4, threads=512)
+LAST_GRPO_PATH: dict[str, object] = {}
 
 
 def _config(name: str) -> KernelConfig:
@@ -371,6 +378,35 @@ def _try_split(
     return True
 
 
+def _try_cluster(
+    rows, drows, tgt, old, ref, adv, w, loss_tok, logp, ent, clip, kl, vocab_start, scale2, inv_tau,
+    eps_low, eps_high, beta, has_ref,
+) -> bool:  # fmt: skip
+    """Single-rank GRPO through the CUDA cluster kernel; False (and the reason in LAST_GRPO_PATH) if it does not
+    apply here."""
+    cfg = GRPO_CLUSTER
+    if cfg is None or _interpreting():
+        LAST_GRPO_PATH.update(reason="cluster kernel off" if cfg is None else "Triton interpreter")
+        return False
+    strides = (rows.stride_b, rows.stride_l, drows.stride_b, drows.stride_l)
+    reason = cuda_grpo.unsupported_reason(rows.tensor, drows.tensor, strides, rows.vocab, cfg)
+    if reason is None:
+        try:
+            info = cuda_grpo.launch(
+                cfg, rows.tensor, strides[:2], drows.tensor, strides[2:], rows.l_inner, rows.n_rows, rows.vocab,
+                tgt, old, ref, adv, w, loss_tok, logp, ent, clip, kl, vocab_start, scale2, inv_tau,
+                float(eps_low), float(eps_high), float(beta), has_ref,
+            )  # fmt: skip
+        except (RuntimeError, OSError, AttributeError) as e:  # NVRTC / driver missing or too old: Triton instead
+            reason = f"cluster kernel unavailable: {type(e).__name__}: {e}"
+            cuda_grpo.disable(reason)
+        else:
+            LAST_GRPO_PATH.update(path="cuda-cluster", reason="", **info)
+            return True
+    LAST_GRPO_PATH.update(reason=reason)
+    return False
+
+
 def _launch_split_fallback(
     rows, drows, tgt, old, ref, adv, w, loss_tok, logp, ent, clip, kl, vocab_start, scale2, inv_tau,
     eps_low, eps_high, beta, has_ref, err,
@@ -485,8 +521,36 @@ def _grpo_forward(
     if single:
         logp = torch.empty(n, dtype=torch.float32, device=dev)
         ent = torch.empty_like(logp)
-    # single rank, gradient out of place: the split-row kernel (one read of the logits) when it applies
-    split = (
+    LAST_GRPO_PATH.clear()
+    # single rank: the one-read CUDA cluster kernel where it applies (Hopper, bf16), else the Triton kernels
+    cluster = (
+        n > 0
+        and single
+        and write_grad
+        and _try_cluster(
+            rows,
+            drows,
+            tgt,
+            old,
+            ref,
+            adv,
+            w,
+            loss_tok,
+            logp,
+            ent,
+            clip,
+            kl,
+            vocab_start,
+            scale2,
+            inv_tau,
+            eps_low,
+            eps_high,
+            beta,
+            has_ref,
+        )  # fmt: skip
+    )
+    # single rank, gradient out of place: the opt-in Triton split-row kernels
+    split = cluster or (
         n > 0
         and single
         and write_grad
@@ -514,6 +578,9 @@ def _grpo_forward(
         )  # fmt: skip
     )
     fused = single and not _config("grpo_fused").two_kernel
+    if not cluster:
+        kind = "triton-split" if split else "triton-fused" if fused else "triton-2kernel"
+        LAST_GRPO_PATH["path"] = kind if single else "vocab-parallel"
     if split:
         pass
     elif single:

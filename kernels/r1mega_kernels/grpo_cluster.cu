@@ -1,0 +1,299 @@
+// GRPO loss + d(logits) in ONE read and ONE write of bf16 logits: each row is split over a thread-block cluster.
+//
+// Why CUDA and not Triton: the gradient of a row needs the row's log-sum-exp, so a one-read kernel must hold the row
+// (151936 x 2 B = 304 KB) on chip until the whole row has been reduced. No single SM holds that; a cluster of C CTAs
+// (Hopper) holds one 1/C slice each, exchanges its partial softmax statistics through distributed shared memory and
+// a hardware cluster barrier, then writes its gradient slice from registers. Triton 3.6 exposes neither clusters,
+// DSMEM nor explicit shared-memory tiles; its global-memory exchange variants were latency-bound
+// (docs/perf/kernels.md). The hardware co-schedules a cluster's CTAs, so the exchange cannot deadlock: no timeouts,
+// no fallback.
+//
+// Compiled at run time with NVRTC (torch.cuda._compile_kernel): no CUDA headers are used (only PTX and builtins),
+// so it builds wherever PyTorch's CUDA wheels are installed. The host (cuda_grpo.py) prepends these defines:
+//   R1K_CLUSTER  CTAs per row (cluster size, 2..8)         R1K_THREADS  threads per CTA (multiple of 32)
+//   R1K_CHUNK    columns per CTA (multiple of 8)          R1K_HAS_REF  1: k3 KL term to the reference log-probs
+//   R1K_MIN_BLOCKS  CTAs per SM the register allocation must allow (__launch_bounds__)
+//
+// Per CTA and row (persistent over rows r = cluster id + k * clusters):
+//   1. its slice [rank * CHUNK, +CHUNK) arrived in shared memory (cp.async, issued one row ahead) -> registers;
+//      the shared slot is then refilled at once with the next row's slice (prefetch overlaps everything below)
+//   2. per-thread then per-CTA base-2 softmax statistics (max m, sum 2^(u-m), sum 2^(u-m)(u-m)), target logit
+//   3. cluster barrier; every warp merges the C partials read from the siblings' shared memory -> lse, loss terms
+//   4. gradient slice written from the registers: coef * (onehot - 2^(u - lse))
+// Semantics are those of ops.py (see its module docstring); rows with weight 0 are never read.
+
+#define R1K_NEG_BIG (-1.0e30f)
+#define R1K_LN2 0.6931471805599453f
+#define R1K_VEC_PER_THREAD ((R1K_CHUNK / 8 + R1K_THREADS - 1) / R1K_THREADS)
+#define R1K_WARPS (R1K_THREADS / 32)
+
+__device__ __forceinline__ unsigned r1k_smem_addr(const void* p) {
+    unsigned r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ float r1k_ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ float r1k_lo(unsigned v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float r1k_hi(unsigned v) { return __uint_as_float(v & 0xffff0000u); }
+
+__device__ __forceinline__ unsigned r1k_pack(float lo, float hi) {  // round-to-nearest-even, like .to(bfloat16)
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ unsigned r1k_sreg_cluster_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ unsigned r1k_sreg_cluster_id() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ unsigned r1k_sreg_num_clusters() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%nclusterid.x;" : "=r"(r));
+    return r;
+}
+
+__device__ __forceinline__ void r1k_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ float r1k_ld_cluster(const float* local, unsigned rank) {
+    unsigned remote;
+    float v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(r1k_smem_addr(local)), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+
+// Merge softmax statistics (m, d, sd) of two disjoint parts (sd relative to the part's own max, as in _kernels.py).
+__device__ __forceinline__ void r1k_merge(float& m, float& d, float& sd, float m2, float d2, float sd2) {
+    const float big = fmaxf(m, m2);
+    const float a = r1k_ex2(m - big), b = r1k_ex2(m2 - big);
+    sd = a * (sd + d * (m - big)) + b * (sd2 + d2 * (m2 - big));
+    d = a * d + b * d2;
+    m = big;
+}
+
+__device__ __forceinline__ void r1k_warp_merge(float& m, float& d, float& sd) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+        const float d2 = __shfl_xor_sync(0xffffffffu, d, o);
+        const float sd2 = __shfl_xor_sync(0xffffffffu, sd, o);
+        r1k_merge(m, d, sd, m2, d2, sd2);
+    }
+}
+
+extern "C" __global__ void __cluster_dims__(R1K_CLUSTER, 1, 1) __launch_bounds__(R1K_THREADS, R1K_MIN_BLOCKS)
+r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long long stride_xl,
+                 unsigned short* DX, long long stride_db, long long stride_dl, long long l_inner,
+                 const long long* __restrict__ TGT, const float* __restrict__ OLD, const float* __restrict__ REF,
+                 const float* __restrict__ ADV, const float* __restrict__ W, float* __restrict__ LOSS,
+                 float* __restrict__ OUT_LOGP, float* __restrict__ OUT_ENT, signed char* __restrict__ OUT_CLIP,
+                 float* __restrict__ OUT_KL, long long n_rows, long long vocab, long long vocab_start, float scale2,
+                 float inv_tau, float eps_low, float eps_high, float beta) {
+    // X and DX may alias (in-place gradient): a CTA reads its whole slice before writing it, and never touches
+    // another CTA's slice, so no __restrict__ on them.
+    extern __shared__ __align__(16) uint4 r1k_slot[];  // this CTA's slice of the next row, R1K_CHUNK bf16
+    __shared__ float part[2][4];                       // (m, d, sd, target logit) per barrier parity
+    __shared__ float red[R1K_WARPS][3];
+    __shared__ float tgt_logit;
+
+    const unsigned rank = r1k_sreg_cluster_rank();
+    const long long n_clusters = r1k_sreg_num_clusters();
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const long long col0 = (long long)rank * R1K_CHUNK;
+    const long long rest = vocab - col0;
+    const int n_local = rest <= 0 ? 0 : (rest < R1K_CHUNK ? (int)rest : R1K_CHUNK);
+    const int nvec = n_local >> 3;  // the host guarantees vocab % 8 == 0
+    const unsigned slot_s = r1k_smem_addr(r1k_slot);
+
+    auto x_row = [&](long long row) {
+        const long long b = row / l_inner;
+        return X + b * stride_xb + (row - b * l_inner) * stride_xl + col0;
+    };
+    auto prefetch = [&](long long row) {  // all threads; one 16-byte async copy per vector
+        const char* src = reinterpret_cast<const char*>(x_row(row));
+        for (int v = tid; v < nvec; v += R1K_THREADS) {
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(slot_s + 16u * v), "l"(src + 16ll * v)
+                         : "memory");
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+
+    long long row = r1k_sreg_cluster_id();
+    float w = row < n_rows ? W[row] : 0.0f;
+    if (row < n_rows && w != 0.0f) prefetch(row);
+    int parity = 0;
+
+    for (; row < n_rows; row += n_clusters) {
+        const long long next = row + n_clusters;
+        const float w_next = next < n_rows ? W[next] : 0.0f;
+        const long long b = row / l_inner;
+        unsigned short* dx_row = DX + b * stride_db + (row - b * l_inner) * stride_dl + col0;
+
+        if (w == 0.0f) {  // masked row: never read; exact-zero gradient slice and zero stats
+            for (int v = tid; v < nvec; v += R1K_THREADS) reinterpret_cast<uint4*>(dx_row)[v] = make_uint4(0, 0, 0, 0);
+            if (rank == 0 && tid == 0) {
+                LOSS[row] = 0.0f;
+                OUT_LOGP[row] = 0.0f;
+                OUT_ENT[row] = 0.0f;
+                OUT_KL[row] = 0.0f;
+                OUT_CLIP[row] = 0;
+            }
+            if (next < n_rows && w_next != 0.0f) prefetch(next);
+            w = w_next;
+            continue;
+        }
+
+        // 1. slice -> registers, then refill the shared slot with the next row's slice
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
+        __syncthreads();
+        uint4 q[R1K_VEC_PER_THREAD];
+#pragma unroll
+        for (int k = 0; k < R1K_VEC_PER_THREAD; ++k) {
+            const int v = tid + k * R1K_THREADS;
+            q[k] = v < nvec ? r1k_slot[v] : make_uint4(0, 0, 0, 0);
+        }
+        const long long t_local = TGT[row] - vocab_start - col0;
+        const bool owns_target = t_local >= 0 && t_local < n_local;
+        if (tid == 0) {
+            tgt_logit = R1K_NEG_BIG;
+            if (owns_target) {
+                const unsigned short* s16 = reinterpret_cast<const unsigned short*>(r1k_slot);
+                tgt_logit = __uint_as_float(((unsigned)s16[t_local]) << 16) * scale2;
+            }
+        }
+        __syncthreads();  // the slot is free
+        if (next < n_rows && w_next != 0.0f) prefetch(next);
+
+        // 2. per-thread max, then sums relative to it (one ex2 per element), then the CTA's statistics
+        float m = R1K_NEG_BIG;
+#pragma unroll
+        for (int k = 0; k < R1K_VEC_PER_THREAD; ++k) {
+            if (tid + k * R1K_THREADS < nvec) {
+                const unsigned e[4] = {q[k].x, q[k].y, q[k].z, q[k].w};
+#pragma unroll
+                for (int j = 0; j < 4; ++j) m = fmaxf(m, fmaxf(r1k_lo(e[j]), r1k_hi(e[j])));
+            }
+        }
+        m = m == R1K_NEG_BIG ? R1K_NEG_BIG : m * scale2;  // scale2 > 0: max commutes with the scaling
+        float d = 0.0f, sd = 0.0f;
+#pragma unroll
+        for (int k = 0; k < R1K_VEC_PER_THREAD; ++k) {
+            if (tid + k * R1K_THREADS < nvec) {
+                const unsigned e[4] = {q[k].x, q[k].y, q[k].z, q[k].w};
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const float t0 = fmaf(r1k_lo(e[j]), scale2, -m), t1 = fmaf(r1k_hi(e[j]), scale2, -m);
+                    const float p0 = r1k_ex2(t0), p1 = r1k_ex2(t1);
+                    d += p0 + p1;
+                    sd = fmaf(p0, t0, fmaf(p1, t1, sd));
+                }
+            }
+        }
+        r1k_warp_merge(m, d, sd);
+        if (lane == 0) {
+            red[warp][0] = m;
+            red[warp][1] = d;
+            red[warp][2] = sd;
+        }
+        __syncthreads();
+        if (warp == 0) {
+            float wm = R1K_NEG_BIG, wd = 0.0f, wsd = 0.0f;
+            if (lane < R1K_WARPS) {
+                wm = red[lane][0];
+                wd = red[lane][1];
+                wsd = red[lane][2];
+            }
+            r1k_warp_merge(wm, wd, wsd);
+            if (lane == 0) {
+                part[parity][0] = wm;
+                part[parity][1] = wd;
+                part[parity][2] = wsd;
+                part[parity][3] = tgt_logit;
+            }
+        }
+
+        // 3. exchange through distributed shared memory; every warp merges the C partials itself (no broadcast)
+        r1k_cluster_sync();
+        float cm = R1K_NEG_BIG, cd = 0.0f, csd = 0.0f, ut = R1K_NEG_BIG;
+        if (lane < R1K_CLUSTER) {
+            cm = r1k_ld_cluster(&part[parity][0], lane);
+            cd = r1k_ld_cluster(&part[parity][1], lane);
+            csd = r1k_ld_cluster(&part[parity][2], lane);
+            ut = r1k_ld_cluster(&part[parity][3], lane);
+        }
+        r1k_warp_merge(cm, cd, csd);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ut = fmaxf(ut, __shfl_xor_sync(0xffffffffu, ut, o));
+        parity ^= 1;  // a sibling may still read part[parity]; it is rewritten only after the next barrier
+
+        const float log2d = log2f(cd);
+        const float lse2 = cm + log2d;
+        const float logp = (ut - lse2) * R1K_LN2;
+        const float old = OLD[row], adv = ADV[row];
+        const float ratio = expf(logp - old);
+        const bool clipped = (adv > 0.0f && ratio > 1.0f + eps_high) || (adv < 0.0f && ratio < 1.0f - eps_low);
+        const float c = fminf(fmaxf(ratio, 1.0f - eps_low), 1.0f + eps_high);
+        float pg = -fminf(ratio * adv, c * adv);
+        float g = clipped ? 0.0f : -adv * ratio;
+        float kl = 0.0f;
+#if R1K_HAS_REF
+        const float diff = REF[row] - logp;
+        const float e = expf(diff);
+        kl = e - diff - 1.0f;
+        pg += beta * kl;
+        g += beta * (1.0f - e);
+#endif
+        const float coef = w * g * inv_tau;
+        if (rank == 0 && tid == 0) {
+            LOSS[row] = w * pg;
+            OUT_LOGP[row] = logp;
+            OUT_ENT[row] = (log2d - csd / cd) * R1K_LN2;
+            OUT_KL[row] = kl;
+            OUT_CLIP[row] = clipped ? 1 : 0;
+        }
+
+        // 4. gradient slice from the registers: coef * (onehot - p)
+        const long long t_vec = owns_target ? (t_local >> 3) : -1;
+#pragma unroll
+        for (int k = 0; k < R1K_VEC_PER_THREAD; ++k) {
+            const int v = tid + k * R1K_THREADS;
+            if (v < nvec) {
+                unsigned e[4] = {q[k].x, q[k].y, q[k].z, q[k].w};
+                float gx[8];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    gx[2 * j] = -coef * r1k_ex2(fmaf(r1k_lo(e[j]), scale2, -lse2));
+                    gx[2 * j + 1] = -coef * r1k_ex2(fmaf(r1k_hi(e[j]), scale2, -lse2));
+                }
+                if (v == t_vec) {
+                    const int j = (int)(t_local & 7);
+#pragma unroll
+                    for (int jj = 0; jj < 8; ++jj)
+                        if (jj == j) gx[jj] += coef;
+                }
+#pragma unroll
+                for (int j = 0; j < 4; ++j) e[j] = r1k_pack(gx[2 * j], gx[2 * j + 1]);
+                asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(dx_row + 8ll * v), "r"(e[0]),
+                             "r"(e[1]), "r"(e[2]), "r"(e[3])
+                             : "memory");
+            }
+        }
+        w = w_next;
+    }
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    r1k_cluster_sync();  // keep this CTA's shared memory alive until every sibling has read its last partials
+}
