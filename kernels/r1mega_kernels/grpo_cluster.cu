@@ -13,6 +13,11 @@
 //   R1K_CLUSTER  CTAs per row (cluster size, 2..8)         R1K_THREADS  threads per CTA (multiple of 32)
 //   R1K_CHUNK    columns per CTA (multiple of 8)          R1K_HAS_REF  1: k3 KL term to the reference log-probs
 //   R1K_MIN_BLOCKS  CTAs per SM the register allocation must allow (__launch_bounds__)
+//   R1K_TMA      1: the slice is fetched by the bulk-copy (TMA) engine, one thread issues it and an mbarrier
+//                counts the bytes; 0: every thread issues 16-byte cp.async copies (its warps stall while the
+//                load/store unit has no free slot, which serialises the prefetch with the compute)
+//   R1K_REUSE_P  1: the statistics sweep keeps 2^(u - m_thread) as bf16 in the registers and the gradient
+//                sweep rescales it (one multiply instead of an ex2 per element; ~1 extra bf16 rounding)
 //
 // Per CTA and row (persistent over rows r = cluster id + k * clusters):
 //   1. its slice [rank * CHUNK, +CHUNK) arrived in shared memory (cp.async, issued one row ahead) -> registers;
@@ -76,6 +81,17 @@ __device__ __forceinline__ float r1k_ld_cluster(const float* local, unsigned ran
     return v;
 }
 
+__device__ __forceinline__ void r1k_bar_wait(unsigned bar, unsigned phase) {
+    unsigned done = 0;
+    while (!done) {
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+            : "=r"(done)
+            : "r"(bar), "r"(phase)
+            : "memory");
+    }
+}
+
 // Merge softmax statistics (m, d, sd) of two disjoint parts (sd relative to the part's own max, as in _kernels.py).
 __device__ __forceinline__ void r1k_merge(float& m, float& d, float& sd, float m2, float d2, float sd2) {
     const float big = fmaxf(m, m2);
@@ -109,6 +125,7 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
     __shared__ float part[2][4];                       // (m, d, sd, target logit) per barrier parity
     __shared__ float red[R1K_WARPS][3];
     __shared__ float tgt_logit;
+    __shared__ __align__(8) unsigned long long slot_bar;  // R1K_TMA: completes when the slice has arrived
 
     const unsigned rank = r1k_sreg_cluster_rank();
     const long long n_clusters = r1k_sreg_num_clusters();
@@ -118,18 +135,52 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
     const int n_local = rest <= 0 ? 0 : (rest < R1K_CHUNK ? (int)rest : R1K_CHUNK);
     const int nvec = n_local >> 3;  // the host guarantees vocab % 8 == 0
     const unsigned slot_s = r1k_smem_addr(r1k_slot);
+    const unsigned bar_s = r1k_smem_addr(&slot_bar);
+    unsigned bar_phase = 0;
+#if R1K_TMA
+    if (tid == 0) {
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar_s) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+#endif
 
     auto x_row = [&](long long row) {
         const long long b = row / l_inner;
         return X + b * stride_xb + (row - b * l_inner) * stride_xl + col0;
     };
-    auto prefetch = [&](long long row) {  // all threads; one 16-byte async copy per vector
+    auto prefetch = [&](long long row) {  // called by all threads
         const char* src = reinterpret_cast<const char*>(x_row(row));
+#if R1K_TMA
+        if (tid == 0) {
+            const unsigned bytes = 16u * nvec;
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // our reads of the slot came first
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar_s), "r"(bytes) : "memory");
+            for (unsigned off = 0; off < bytes; off += 16384u) {
+                const unsigned n = bytes - off < 16384u ? bytes - off : 16384u;
+                asm volatile(
+                    "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                        slot_s + off),
+                    "l"(src + off), "r"(n), "r"(bar_s)
+                    : "memory");
+            }
+        }
+#else
         for (int v = tid; v < nvec; v += R1K_THREADS) {
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(slot_s + 16u * v), "l"(src + 16ll * v)
                          : "memory");
         }
         asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+    };
+    auto wait_slot = [&]() {  // all threads: the slice of the current row is in the slot and visible
+#if R1K_TMA
+        r1k_bar_wait(bar_s, bar_phase);
+        bar_phase ^= 1u;
+#else
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
+        __syncthreads();
+#endif
     };
 
     long long row = r1k_sreg_cluster_id();
@@ -158,8 +209,7 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
         }
 
         // 1. slice -> registers, then refill the shared slot with the next row's slice
-        asm volatile("cp.async.wait_group 0;" ::: "memory");
-        __syncthreads();
+        wait_slot();
         uint4 q[R1K_VEC_PER_THREAD];
 #pragma unroll
         for (int k = 0; k < R1K_VEC_PER_THREAD; ++k) {
@@ -193,16 +243,23 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
 #pragma unroll
         for (int k = 0; k < R1K_VEC_PER_THREAD; ++k) {
             if (tid + k * R1K_THREADS < nvec) {
-                const unsigned e[4] = {q[k].x, q[k].y, q[k].z, q[k].w};
+                unsigned e[4] = {q[k].x, q[k].y, q[k].z, q[k].w};
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
                     const float t0 = fmaf(r1k_lo(e[j]), scale2, -m), t1 = fmaf(r1k_hi(e[j]), scale2, -m);
                     const float p0 = r1k_ex2(t0), p1 = r1k_ex2(t1);
                     d += p0 + p1;
                     sd = fmaf(p0, t0, fmaf(p1, t1, sd));
+#if R1K_REUSE_P
+                    e[j] = r1k_pack(p0, p1);
+#endif
                 }
+#if R1K_REUSE_P
+                q[k] = make_uint4(e[0], e[1], e[2], e[3]);
+#endif
             }
         }
+        const float m_thread = m;
         r1k_warp_merge(m, d, sd);
         if (lane == 0) {
             red[warp][0] = m;
@@ -268,6 +325,9 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
 
         // 4. gradient slice from the registers: coef * (onehot - p)
         const long long t_vec = owns_target ? (t_local >> 3) : -1;
+#if R1K_REUSE_P
+        const float neg_coef_s = -coef * r1k_ex2(m_thread - lse2);  // p = 2^(u - m_thread) * 2^(m_thread - lse2)
+#endif
 #pragma unroll
         for (int k = 0; k < R1K_VEC_PER_THREAD; ++k) {
             const int v = tid + k * R1K_THREADS;
@@ -276,8 +336,13 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
                 float gx[8];
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
+#if R1K_REUSE_P
+                    gx[2 * j] = neg_coef_s * r1k_lo(e[j]);
+                    gx[2 * j + 1] = neg_coef_s * r1k_hi(e[j]);
+#else
                     gx[2 * j] = -coef * r1k_ex2(fmaf(r1k_lo(e[j]), scale2, -lse2));
                     gx[2 * j + 1] = -coef * r1k_ex2(fmaf(r1k_hi(e[j]), scale2, -lse2));
+#endif
                 }
                 if (v == t_vec) {
                     const int j = (int)(t_local & 7);
@@ -294,6 +359,5 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
         }
         w = w_next;
     }
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
     r1k_cluster_sync();  // keep this CTA's shared memory alive until every sibling has read its last partials
 }

@@ -98,7 +98,7 @@ INTERP_CONFIGS: dict[str, KernelConfig] = {
 
 # Single-rank GRPO with a bf16 gradient on sm_90+: the one-read cluster kernel (cuda_grpo.py, grpo_cluster.cu);
 # None = off (the Triton kernels above instead). LAST_GRPO_PATH says which kernel the last grpo_loss call used.
-GRPO_CLUSTER: cuda_grpo.ClusterConfig | None = cuda_grpo.ClusterConfig(cluster=4, threads=512)
+GRPO_CLUSTER: cuda_grpo.ClusterConfig | None = cuda_grpo.ClusterConfig()
 LAST_GRPO_PATH: dict[str, object] = {}
 
 
