@@ -29,8 +29,12 @@
 
 #define R1K_NEG_BIG (-1.0e30f)
 #define R1K_LN2 0.6931471805599453f
-#define R1K_VEC_PER_THREAD ((R1K_CHUNK / 8 + R1K_THREADS - 1) / R1K_THREADS)
+#define R1K_NVEC (R1K_CHUNK / 8)                    // 16-byte vectors in a full slice
+#define R1K_KF (R1K_NVEC / R1K_THREADS)             // rounds in which every thread holds a vector
+#define R1K_REM (R1K_NVEC % R1K_THREADS)            // threads holding one more vector
+#define R1K_VEC_PER_THREAD (R1K_KF + (R1K_REM > 0))
 #define R1K_WARPS (R1K_THREADS / 32)
+#define R1K_PAD2 0xF149F149u  // two bf16 -1e30: pads a short slice, adds exactly 0 to the statistics
 
 __device__ __forceinline__ unsigned r1k_smem_addr(const void* p) {
     unsigned r;
@@ -50,6 +54,12 @@ __device__ __forceinline__ float r1k_hi(unsigned v) { return __uint_as_float(v &
 __device__ __forceinline__ unsigned r1k_pack(float lo, float hi) {  // round-to-nearest-even, like .to(bfloat16)
     unsigned r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ unsigned r1k_max2(unsigned a, unsigned b) {  // per-half max of two bf16 pairs
+    unsigned r;
+    asm("max.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
     return r;
 }
 
@@ -137,13 +147,16 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
     const unsigned slot_s = r1k_smem_addr(r1k_slot);
     const unsigned bar_s = r1k_smem_addr(&slot_bar);
     unsigned bar_phase = 0;
+    // A short (last) slice is padded once to the full length: every loop below then runs unpredicated, and only
+    // the gradient stores check the length. The pad is never overwritten (copies cover [0, nvec) only).
+    for (int v = nvec + tid; v < R1K_NVEC; v += R1K_THREADS) r1k_slot[v] = make_uint4(R1K_PAD2, R1K_PAD2, R1K_PAD2, R1K_PAD2);
 #if R1K_TMA
     if (tid == 0) {
         asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar_s) : "memory");
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
-    __syncthreads();
 #endif
+    __syncthreads();
 
     auto x_row = [&](long long row) {
         const long long b = row / l_inner;
@@ -213,51 +226,43 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
         uint4 q[R1K_VEC_PER_THREAD];
 #pragma unroll
         for (int k = 0; k < R1K_VEC_PER_THREAD; ++k) {
-            const int v = tid + k * R1K_THREADS;
-            q[k] = v < nvec ? r1k_slot[v] : make_uint4(0, 0, 0, 0);
+            const uint4 pad = make_uint4(R1K_PAD2, R1K_PAD2, R1K_PAD2, R1K_PAD2);
+            q[k] = (k < R1K_KF || tid < R1K_REM) ? r1k_slot[tid + k * R1K_THREADS] : pad;
         }
-        const long long t_local = TGT[row] - vocab_start - col0;
-        const bool owns_target = t_local >= 0 && t_local < n_local;
-        if (tid == 0) {
-            tgt_logit = R1K_NEG_BIG;
-            if (owns_target) {
-                const unsigned short* s16 = reinterpret_cast<const unsigned short*>(r1k_slot);
-                tgt_logit = __uint_as_float(((unsigned)s16[t_local]) << 16) * scale2;
-            }
+        const long long t_global = TGT[row] - vocab_start - col0;
+        const bool owns_target = t_global >= 0 && t_global < n_local;
+        const int t_local = owns_target ? (int)t_global : 0;
+        float ut_own = R1K_NEG_BIG;
+        if (owns_target) {
+            ut_own = __uint_as_float(((unsigned)reinterpret_cast<const unsigned short*>(r1k_slot)[t_local]) << 16);
+            ut_own *= scale2;
         }
         __syncthreads();  // the slot is free
         if (next < n_rows && w_next != 0.0f) prefetch(next);
 
-        // 2. per-thread max, then sums relative to it (one ex2 per element), then the CTA's statistics
-        float m = R1K_NEG_BIG;
+        // 2. per-thread max (on bf16 pairs), then sums relative to it (one ex2 per element), then the CTA's stats
+        unsigned m2 = R1K_PAD2;
 #pragma unroll
-        for (int k = 0; k < R1K_VEC_PER_THREAD; ++k) {
-            if (tid + k * R1K_THREADS < nvec) {
-                const unsigned e[4] = {q[k].x, q[k].y, q[k].z, q[k].w};
-#pragma unroll
-                for (int j = 0; j < 4; ++j) m = fmaxf(m, fmaxf(r1k_lo(e[j]), r1k_hi(e[j])));
-            }
-        }
-        m = m == R1K_NEG_BIG ? R1K_NEG_BIG : m * scale2;  // scale2 > 0: max commutes with the scaling
+        for (int k = 0; k < R1K_VEC_PER_THREAD; ++k)
+            m2 = r1k_max2(r1k_max2(m2, r1k_max2(q[k].x, q[k].y)), r1k_max2(q[k].z, q[k].w));
+        float m = fmaxf(r1k_lo(m2), r1k_hi(m2)) * scale2;  // scale2 > 0: max commutes with the scaling
         float d = 0.0f, sd = 0.0f;
 #pragma unroll
         for (int k = 0; k < R1K_VEC_PER_THREAD; ++k) {
-            if (tid + k * R1K_THREADS < nvec) {
-                unsigned e[4] = {q[k].x, q[k].y, q[k].z, q[k].w};
+            unsigned e[4] = {q[k].x, q[k].y, q[k].z, q[k].w};
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const float t0 = fmaf(r1k_lo(e[j]), scale2, -m), t1 = fmaf(r1k_hi(e[j]), scale2, -m);
-                    const float p0 = r1k_ex2(t0), p1 = r1k_ex2(t1);
-                    d += p0 + p1;
-                    sd = fmaf(p0, t0, fmaf(p1, t1, sd));
+            for (int j = 0; j < 4; ++j) {
+                const float t0 = fmaf(r1k_lo(e[j]), scale2, -m), t1 = fmaf(r1k_hi(e[j]), scale2, -m);
+                const float p0 = r1k_ex2(t0), p1 = r1k_ex2(t1);
+                d += p0 + p1;
+                sd = fmaf(p0, t0, fmaf(p1, t1, sd));
 #if R1K_REUSE_P
-                    e[j] = r1k_pack(p0, p1);
-#endif
-                }
-#if R1K_REUSE_P
-                q[k] = make_uint4(e[0], e[1], e[2], e[3]);
+                e[j] = r1k_pack(p0, p1);
 #endif
             }
+#if R1K_REUSE_P
+            q[k] = make_uint4(e[0], e[1], e[2], e[3]);
+#endif
         }
         const float m_thread = m;
         r1k_warp_merge(m, d, sd);
@@ -279,7 +284,7 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
                 part[parity][0] = wm;
                 part[parity][1] = wd;
                 part[parity][2] = wsd;
-                part[parity][3] = tgt_logit;
+                part[parity][3] = ut_own;  // thread 0 read it; NEG_BIG unless this CTA owns the target
             }
         }
 
@@ -323,39 +328,35 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
             OUT_CLIP[row] = clipped ? 1 : 0;
         }
 
-        // 4. gradient slice from the registers: coef * (onehot - p)
-        const long long t_vec = owns_target ? (t_local >> 3) : -1;
+        // 4. gradient slice from the registers: -coef * p everywhere, then the target element coef * (1 - p)
 #if R1K_REUSE_P
-        const float neg_coef_s = -coef * r1k_ex2(m_thread - lse2);  // p = 2^(u - m_thread) * 2^(m_thread - lse2)
+        const float scale = -coef * r1k_ex2(m_thread - lse2);  // p = 2^(u - m_thread) * 2^(m_thread - lse2)
 #endif
+        const bool full = nvec == R1K_NVEC;
 #pragma unroll
         for (int k = 0; k < R1K_VEC_PER_THREAD; ++k) {
             const int v = tid + k * R1K_THREADS;
-            if (v < nvec) {
-                unsigned e[4] = {q[k].x, q[k].y, q[k].z, q[k].w};
-                float gx[8];
+            unsigned e[4] = {q[k].x, q[k].y, q[k].z, q[k].w};
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
+            for (int j = 0; j < 4; ++j) {
 #if R1K_REUSE_P
-                    gx[2 * j] = neg_coef_s * r1k_lo(e[j]);
-                    gx[2 * j + 1] = neg_coef_s * r1k_hi(e[j]);
+                e[j] = r1k_pack(scale * r1k_lo(e[j]), scale * r1k_hi(e[j]));
 #else
-                    gx[2 * j] = -coef * r1k_ex2(fmaf(r1k_lo(e[j]), scale2, -lse2));
-                    gx[2 * j + 1] = -coef * r1k_ex2(fmaf(r1k_hi(e[j]), scale2, -lse2));
+                const float g0 = -coef * r1k_ex2(fmaf(r1k_lo(e[j]), scale2, -lse2));
+                const float g1 = -coef * r1k_ex2(fmaf(r1k_hi(e[j]), scale2, -lse2));
+                e[j] = r1k_pack(g0, g1);
 #endif
-                }
-                if (v == t_vec) {
-                    const int j = (int)(t_local & 7);
-#pragma unroll
-                    for (int jj = 0; jj < 8; ++jj)
-                        if (jj == j) gx[jj] += coef;
-                }
-#pragma unroll
-                for (int j = 0; j < 4; ++j) e[j] = r1k_pack(gx[2 * j], gx[2 * j + 1]);
-                asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(dx_row + 8ll * v), "r"(e[0]),
-                             "r"(e[1]), "r"(e[2]), "r"(e[3])
-                             : "memory");
             }
+            const unsigned store = ((k < R1K_KF && full) || v < nvec) ? 1u : 0u;  // no branch: a predicated store
+            asm volatile(
+                "{ .reg .pred p; setp.ne.u32 p, %5, 0; @p st.global.cs.v4.u32 [%0], {%1, %2, %3, %4}; }" ::"l"(
+                    dx_row + 8ll * v),
+                "r"(e[0]), "r"(e[1]), "r"(e[2]), "r"(e[3]), "r"(store)
+                : "memory");
+        }
+        if (owns_target && tid == (t_local >> 3) % R1K_THREADS) {  // the thread that stored that vector: ordered
+            const unsigned short gt = (unsigned short)(r1k_pack(coef * (1.0f - r1k_ex2(ut - lse2)), 0.0f) & 0xffffu);
+            asm volatile("st.global.cs.u16 [%0], %1;" ::"l"(dx_row + t_local), "h"(gt) : "memory");
         }
         w = w_next;
     }
