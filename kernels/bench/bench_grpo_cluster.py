@@ -28,13 +28,14 @@ from r1mega_kernels import cuda_grpo, ops  # noqa: E402
 L = 2048
 CC = cuda_grpo.ClusterConfig
 VARIANTS: dict[str, cuda_grpo.ClusterConfig | None] = {
-    "C2 t1024 tma": CC(2, 1024),
-    "C2 t1024 tma reuse-p": CC(2, 1024, reuse_p=True),
-    "C2 t512 tma": CC(2, 512),
+    "C2 t1024": CC(2, 1024),
+    "C2 t1024 reuse-p": CC(2, 1024, reuse_p=True),
+    "C2 t512": CC(2, 512),
+    "C2 t512 reuse-p": CC(2, 512, reuse_p=True),
     "C2 t1024 cp.async": CC(2, 1024, tma=False),
-    "C4 t512 tma": CC(4, 512),
-    "C4 t512 tma reuse-p": CC(4, 512, reuse_p=True),
-    "C8 t256 2/SM tma": CC(8, 256, min_blocks=2),
+    "C4 t512 2/SM": CC(4, 512, min_blocks=2),
+    "C4 t512 2/SM reuse-p": CC(4, 512, min_blocks=2, reuse_p=True),
+    "C4 t256 2/SM reuse-p": CC(4, 256, min_blocks=2, reuse_p=True),
 }
 
 
