@@ -80,6 +80,8 @@ def unsupported_reason(x: torch.Tensor, dx: torch.Tensor, strides: tuple[int, ..
         return f"bf16 logits and gradient only (got {x.dtype}, {dx.dtype})"
     if vocab % 8 or any(s % 8 for s in strides) or x.data_ptr() % 16 or dx.data_ptr() % 16:
         return "rows must start on 16-byte boundaries (V and the row strides multiples of 8)"
+    if x.numel() // max(vocab, 1) >= 2**31:
+        return "more than 2^31 rows"
     if not hasattr(torch.cuda, "_compile_kernel"):
         return "this PyTorch has no torch.cuda._compile_kernel (NVRTC), needs >= 2.8"
     smem = _chunk(vocab, cfg.cluster) * 2
@@ -197,10 +199,10 @@ def launch(
         ctypes.c_void_p(dx.data_ptr()),
         ctypes.c_longlong(dx_strides[0]),
         ctypes.c_longlong(dx_strides[1]),
-        ctypes.c_longlong(max(1, l_inner)),
+        ctypes.c_int(max(1, l_inner)),
         *(ctypes.c_void_p(t.data_ptr()) for t in keep[:5]),
         *(ctypes.c_void_p(t.data_ptr()) for t in (loss_tok, logp, ent, clip, kl)),
-        ctypes.c_longlong(n_rows),
+        ctypes.c_int(n_rows),
         ctypes.c_longlong(vocab),
         ctypes.c_longlong(vocab_start),
         *(ctypes.c_float(v) for v in (scale2, inv_tau, eps_low, eps_high, beta)),

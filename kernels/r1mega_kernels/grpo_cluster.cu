@@ -83,12 +83,19 @@ __device__ __forceinline__ void r1k_cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 
-__device__ __forceinline__ float r1k_ld_cluster(const float* local, unsigned rank) {
+__device__ __forceinline__ unsigned r1k_mapa(unsigned local, unsigned rank) {  // a sibling's copy of an address
     unsigned remote;
-    float v;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(r1k_smem_addr(local)), "r"(rank));
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
-    return v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+    return remote;
+}
+
+// 16 bytes into a sibling's shared memory; the write completes 16 bytes of its mbarrier's transaction count. Unlike
+// a release barrier, this does not wait for this thread's earlier global stores (the gradient) to drain.
+__device__ __forceinline__ void r1k_send4(unsigned addr, unsigned bar, float a, float b, float c, float d) {
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(
+                     addr),
+                 "f"(a), "f"(b), "f"(c), "f"(d), "r"(bar)
+                 : "memory");
 }
 
 __device__ __forceinline__ void r1k_bar_wait(unsigned bar, unsigned phase) {
@@ -123,22 +130,23 @@ __device__ __forceinline__ void r1k_warp_merge(float& m, float& d, float& sd) {
 
 extern "C" __global__ void __cluster_dims__(R1K_CLUSTER, 1, 1) __launch_bounds__(R1K_THREADS, R1K_MIN_BLOCKS)
 r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long long stride_xl,
-                 unsigned short* DX, long long stride_db, long long stride_dl, long long l_inner,
+                 unsigned short* DX, long long stride_db, long long stride_dl, int l_inner,
                  const long long* __restrict__ TGT, const float* __restrict__ OLD, const float* __restrict__ REF,
                  const float* __restrict__ ADV, const float* __restrict__ W, float* __restrict__ LOSS,
                  float* __restrict__ OUT_LOGP, float* __restrict__ OUT_ENT, signed char* __restrict__ OUT_CLIP,
-                 float* __restrict__ OUT_KL, long long n_rows, long long vocab, long long vocab_start, float scale2,
+                 float* __restrict__ OUT_KL, int n_rows, long long vocab, long long vocab_start, float scale2,
                  float inv_tau, float eps_low, float eps_high, float beta) {
     // X and DX may alias (in-place gradient): a CTA reads its whole slice before writing it, and never touches
     // another CTA's slice, so no __restrict__ on them.
     extern __shared__ __align__(16) uint4 r1k_slot[];  // this CTA's slice of the next row, R1K_CHUNK bf16
-    __shared__ float part[2][4];                       // (m, d, sd, target logit) per barrier parity
+    __shared__ __align__(16) float part[2][R1K_CLUSTER][4];  // per row parity: every CTA's (m, d, sd, target)
     __shared__ float red[R1K_WARPS][3];
     __shared__ float tgt_logit;
     __shared__ __align__(8) unsigned long long slot_bar;  // R1K_TMA: completes when the slice has arrived
+    __shared__ __align__(8) unsigned long long xbar[2];   // per row parity: completes when all C partials arrived
 
     const unsigned rank = r1k_sreg_cluster_rank();
-    const long long n_clusters = r1k_sreg_num_clusters();
+    const int n_clusters = (int)r1k_sreg_num_clusters();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const long long col0 = (long long)rank * R1K_CHUNK;
     const long long rest = vocab - col0;
@@ -150,19 +158,26 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
     // A short (last) slice is padded once to the full length: every loop below then runs unpredicated, and only
     // the gradient stores check the length. The pad is never overwritten (copies cover [0, nvec) only).
     for (int v = nvec + tid; v < R1K_NVEC; v += R1K_THREADS) r1k_slot[v] = make_uint4(R1K_PAD2, R1K_PAD2, R1K_PAD2, R1K_PAD2);
-#if R1K_TMA
+    const unsigned xbar0_s = r1k_smem_addr(&xbar[0]);  // xbar[p] at xbar0_s + 8p (no dynamically indexed arrays:
+    unsigned xphase = 0u;                                // they would live in local memory); bit p = phase of xbar[p]
     if (tid == 0) {
         asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar_s) : "memory");
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(xbar0_s) : "memory");
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(xbar0_s + 8u) : "memory");
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
-#endif
     __syncthreads();
+    r1k_cluster_sync();  // every sibling's barriers are initialised before anyone sends to them
 
-    auto x_row = [&](long long row) {
-        const long long b = row / l_inner;
+    auto x_row = [&](int row) {
+        const int b = row / l_inner;
         return X + b * stride_xb + (row - b * l_inner) * stride_xl + col0;
     };
-    auto prefetch = [&](long long row) {  // called by all threads
+    auto dx_of = [&](int row) {
+        const int b = row / l_inner;
+        return DX + b * stride_db + (row - b * l_inner) * stride_dl + col0;
+    };
+    auto prefetch = [&](int row) {  // called by all threads
         const char* src = reinterpret_cast<const char*>(x_row(row));
 #if R1K_TMA
         if (tid == 0) {
@@ -196,18 +211,16 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
 #endif
     };
 
-    long long row = r1k_sreg_cluster_id();
+    int row = (int)r1k_sreg_cluster_id();
     float w = row < n_rows ? W[row] : 0.0f;
     if (row < n_rows && w != 0.0f) prefetch(row);
     int parity = 0;
 
     for (; row < n_rows; row += n_clusters) {
-        const long long next = row + n_clusters;
+        const int next = row + n_clusters;
         const float w_next = next < n_rows ? W[next] : 0.0f;
-        const long long b = row / l_inner;
-        unsigned short* dx_row = DX + b * stride_db + (row - b * l_inner) * stride_dl + col0;
-
         if (w == 0.0f) {  // masked row: never read; exact-zero gradient slice and zero stats
+            unsigned short* dx_row = dx_of(row);
             for (int v = tid; v < nvec; v += R1K_THREADS) reinterpret_cast<uint4*>(dx_row)[v] = make_uint4(0, 0, 0, 0);
             if (rank == 0 && tid == 0) {
                 LOSS[row] = 0.0f;
@@ -221,6 +234,8 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
             continue;
         }
 
+        const long long t_global = TGT[row] - vocab_start - col0;  // loaded first: its latency overlaps the wait
+
         // 1. slice -> registers, then refill the shared slot with the next row's slice
         wait_slot();
         uint4 q[R1K_VEC_PER_THREAD];
@@ -229,7 +244,6 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
             const uint4 pad = make_uint4(R1K_PAD2, R1K_PAD2, R1K_PAD2, R1K_PAD2);
             q[k] = (k < R1K_KF || tid < R1K_REM) ? r1k_slot[tid + k * R1K_THREADS] : pad;
         }
-        const long long t_global = TGT[row] - vocab_start - col0;
         const bool owns_target = t_global >= 0 && t_global < n_local;
         const int t_local = owns_target ? (int)t_global : 0;
         float ut_own = R1K_NEG_BIG;
@@ -280,32 +294,42 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
                 wsd = red[lane][2];
             }
             r1k_warp_merge(wm, wd, wsd);
-            if (lane == 0) {
-                part[parity][0] = wm;
-                part[parity][1] = wd;
-                part[parity][2] = wsd;
-                part[parity][3] = ut_own;  // thread 0 read it; NEG_BIG unless this CTA owns the target
+            if (lane == 0) {  // arm our barrier for C partials, then send ours to every CTA (ourselves included)
+                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(xbar0_s + 8u * parity),
+                             "r"(16u * R1K_CLUSTER)
+                             : "memory");
+                const unsigned slot = r1k_smem_addr(&part[parity][rank][0]);
+#pragma unroll
+                for (unsigned r = 0; r < R1K_CLUSTER; ++r)
+                    r1k_send4(r1k_mapa(slot, r), r1k_mapa(xbar0_s + 8u * parity, r), wm, wd, wsd, ut_own);
             }
         }
 
-        // 3. exchange through distributed shared memory; every warp merges the C partials itself (no broadcast)
-        r1k_cluster_sync();
+        // 3. wait for the C partials (no cluster-wide barrier); every warp merges them itself (no broadcast).
+        // The per-row scalars are loaded first: their latency overlaps the wait.
+        const float old = OLD[row], adv = ADV[row];
+#if R1K_HAS_REF
+        const float ref_logp = REF[row];
+#endif
+        r1k_bar_wait(xbar0_s + 8u * parity, (xphase >> parity) & 1u);
+        xphase ^= 1u << parity;
         float cm = R1K_NEG_BIG, cd = 0.0f, csd = 0.0f, ut = R1K_NEG_BIG;
         if (lane < R1K_CLUSTER) {
-            cm = r1k_ld_cluster(&part[parity][0], lane);
-            cd = r1k_ld_cluster(&part[parity][1], lane);
-            csd = r1k_ld_cluster(&part[parity][2], lane);
-            ut = r1k_ld_cluster(&part[parity][3], lane);
+            const float4 pr = *reinterpret_cast<const float4*>(&part[parity][lane][0]);
+            cm = pr.x;
+            cd = pr.y;
+            csd = pr.z;
+            ut = pr.w;
         }
         r1k_warp_merge(cm, cd, csd);
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) ut = fmaxf(ut, __shfl_xor_sync(0xffffffffu, ut, o));
-        parity ^= 1;  // a sibling may still read part[parity]; it is rewritten only after the next barrier
+        // part[parity] is rewritten two rows later, after every warp passed the next row's __syncthreads
+        parity ^= 1;
 
         const float log2d = log2f(cd);
         const float lse2 = cm + log2d;
         const float logp = (ut - lse2) * R1K_LN2;
-        const float old = OLD[row], adv = ADV[row];
         const float ratio = expf(logp - old);
         const bool clipped = (adv > 0.0f && ratio > 1.0f + eps_high) || (adv < 0.0f && ratio < 1.0f - eps_low);
         const float c = fminf(fmaxf(ratio, 1.0f - eps_low), 1.0f + eps_high);
@@ -313,7 +337,7 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
         float g = clipped ? 0.0f : -adv * ratio;
         float kl = 0.0f;
 #if R1K_HAS_REF
-        const float diff = REF[row] - logp;
+        const float diff = ref_logp - logp;
         const float e = expf(diff);
         kl = e - diff - 1.0f;
         pg += beta * kl;
@@ -333,6 +357,7 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
         const float scale = -coef * r1k_ex2(m_thread - lse2);  // p = 2^(u - m_thread) * 2^(m_thread - lse2)
 #endif
         const bool full = nvec == R1K_NVEC;
+        unsigned short* dx_row = dx_of(row);
 #pragma unroll
         for (int k = 0; k < R1K_VEC_PER_THREAD; ++k) {
             const int v = tid + k * R1K_THREADS;
