@@ -430,13 +430,17 @@ def _grpo_kernel(
 
 @triton.jit
 def _scale_kernel(X, s_ptr, N, BLOCK: tl.constexpr):
-    """In-place X *= s (device scalar): applies a non-unit upstream gradient without a host sync or a new buffer."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
+    """In-place X *= s (device scalar), grid-stride. Returns at once when s == 1 (the usual upstream gradient), so
+    the backward applies a non-unit upstream gradient without a host sync to find out whether there is one."""
     s = tl.load(s_ptr).to(tl.float32)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(X + offs, (x * s).to(X.dtype.element_ty), mask=mask)
+    if s != 1.0:
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for base in range(start, N, step):
+            offs = base + tl.arange(0, BLOCK)
+            mask = offs < N
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(X + offs, (x * s).to(X.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------ split-row GRPO

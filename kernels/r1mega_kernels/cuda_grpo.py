@@ -40,7 +40,8 @@ class ClusterConfig:
     ``ctas_per_sm``: CTAs the grid assumes resident per SM (the kernel is persistent over rows; 0 = from the
     compiled kernel's shared memory / registers). ``min_blocks``: the register budget handed to the compiler
     (``__launch_bounds__``). ``tma``: bulk-copy loads (else per-thread cp.async). ``reuse_p``: the gradient sweep
-    reuses the statistics sweep's exponentials, held as bf16 (see R1K_REUSE_P in the .cu file)."""
+    reuses the statistics sweep's exponentials, held as bf16 (see R1K_REUSE_P in the .cu file). ``poly``: how many of
+    the gradient sweep's exponentials run on the FMA pipe (0 none, 1 half, 2 all; R1K_POLY)."""
 
     cluster: int = 2
     threads: int = 1024
@@ -48,6 +49,7 @@ class ClusterConfig:
     min_blocks: int = 1
     tma: bool = True
     reuse_p: bool = False
+    poly: int = 0
 
 
 @dataclass
@@ -57,6 +59,7 @@ class _Compiled:
     occupancy: int
     n_regs: int
     max_clusters: int
+    resident: int  # clusters in the persistent grid
 
 
 def _chunk(vocab: int, cluster: int) -> int:
@@ -73,7 +76,7 @@ def unsupported_reason(x: torch.Tensor, dx: torch.Tensor, strides: tuple[int, ..
         return "not a CUDA tensor"
     if torch.version.hip:
         return "ROCm"
-    major, _ = torch.cuda.get_device_capability(x.device)
+    major, limit = _device_limits(x.device.index if x.device.index is not None else torch.cuda.current_device())
     if major < 9:
         return "needs sm_90+ (thread-block clusters)"
     if x.dtype != torch.bfloat16 or dx.dtype != torch.bfloat16:
@@ -85,10 +88,16 @@ def unsupported_reason(x: torch.Tensor, dx: torch.Tensor, strides: tuple[int, ..
     if not hasattr(torch.cuda, "_compile_kernel"):
         return "this PyTorch has no torch.cuda._compile_kernel (NVRTC), needs >= 2.8"
     smem = _chunk(vocab, cfg.cluster) * 2
-    limit = getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", 0)
     if smem > limit:
         return f"a 1/{cfg.cluster} row slice needs {smem} B of shared memory > {limit} B: use a larger cluster"
     return None
+
+
+@functools.cache
+def _device_limits(index: int) -> tuple[int, int]:
+    """(compute capability major, opt-in shared memory per block), cached: queried on every call otherwise."""
+    props = torch.cuda.get_device_properties(index)
+    return props.major, getattr(props, "shared_memory_per_block_optin", 0)
 
 
 @functools.cache
@@ -101,6 +110,7 @@ def _compile(cfg: ClusterConfig, chunk: int, has_ref: bool, device_index: int) -
         R1K_MIN_BLOCKS=cfg.min_blocks,
         R1K_TMA=int(cfg.tma),
         R1K_REUSE_P=int(cfg.reuse_p),
+        R1K_POLY=int(cfg.poly),
     )
     src = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE.read_text()
     major, minor = torch.cuda.get_device_capability(device_index)
@@ -117,8 +127,14 @@ def _compile(cfg: ClusterConfig, chunk: int, has_ref: bool, device_index: int) -
     smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
     regs_sm = getattr(props, "regs_per_multiprocessor", 65536)
     per_cta_smem = smem + static.value + 1024  # + the 1 KB the hardware reserves per CTA
-    occ = min(smem_sm // per_cta_smem, regs_sm // max(1, regs.value * cfg.threads), 2048 // cfg.threads)
-    return _Compiled(kernel.func, smem, max(1, occ), regs.value, _max_active_clusters(lib, kernel.func, cfg, smem))
+    occ = max(1, min(smem_sm // per_cta_smem, regs_sm // max(1, regs.value * cfg.threads), 2048 // cfg.threads))
+    max_clusters = _max_active_clusters(lib, kernel.func, cfg, smem)
+    if cfg.ctas_per_sm:
+        occ = cfg.ctas_per_sm
+        resident = props.multi_processor_count * occ // cfg.cluster
+    else:
+        resident = max_clusters or props.multi_processor_count * occ // cfg.cluster
+    return _Compiled(kernel.func, smem, occ, regs.value, max_clusters, max(1, resident))
 
 
 class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h)
@@ -182,12 +198,7 @@ def launch(
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     chunk = _chunk(vocab, cfg.cluster)
     comp = _compile(cfg, chunk, has_ref, dev)
-    occ = cfg.ctas_per_sm or comp.occupancy
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    resident = (sms * occ) // cfg.cluster
-    if comp.max_clusters > 0 and not cfg.ctas_per_sm:
-        resident = comp.max_clusters
-    clusters = max(1, min(n_rows, resident))
+    clusters = max(1, min(n_rows, comp.resident))
     # per-token inputs as the kernel reads them (T elements each: negligible next to the logits)
     tgt = tgt.to(torch.int64).contiguous()
     old, ref, adv, w = (t.to(torch.float32).contiguous() for t in (old, ref, adv, w))
@@ -220,7 +231,7 @@ def launch(
         grid=clusters * cfg.cluster,
         clusters=clusters,
         max_active_clusters=comp.max_clusters,
-        occupancy=occ,
+        occupancy=comp.occupancy,
         n_regs=comp.n_regs,
         chunk=chunk,
     )

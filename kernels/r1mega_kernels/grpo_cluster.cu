@@ -16,6 +16,7 @@
 //   R1K_TMA      1: the slice is fetched by the bulk-copy (TMA) engine, one thread issues it and an mbarrier
 //                counts the bytes; 0: every thread issues 16-byte cp.async copies (its warps stall while the
 //                load/store unit has no free slot, which serialises the prefetch with the compute)
+//   R1K_POLY     gradient sweep exponentials on the FMA pipe (r1k_ex2_fma): 0 none, 1 every second one, 2 all
 //   R1K_REUSE_P  1: the statistics sweep keeps 2^(u - m_thread) as bf16 in the registers and the gradient
 //                sweep rescales it (one multiply instead of an ex2 per element; ~1 extra bf16 rounding)
 //
@@ -46,6 +47,18 @@ __device__ __forceinline__ float r1k_ex2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
+}
+
+// 2^x for x <= 0 on the FMA pipe (no MUFU): round-to-nearest split x = i + f, f in [-1/2, 1/2], a degree-3 fit of
+// 2^f (max relative error 7.5e-5, 4% of a bf16 half-ulp), then i added to the exponent bits with one integer
+// multiply-add. Used for part of the gradient sweep, whose results are rounded to bf16 anyway: the MUFU unit (16
+// ex2 per clock per SM) is the busiest pipe of this kernel. Below 2^-126 it returns ~2^-126 instead of 0.
+__device__ __forceinline__ float r1k_ex2_fma(float x) {
+    x = fmaxf(x, -126.0f);
+    const float j = x + 12582912.0f;  // 1.5 * 2^23: the integer nearest x lands in the low mantissa bits of j
+    const float f = x - (j - 12582912.0f);
+    float p = fmaf(fmaf(fmaf(0.0551716539f, f, 0.242611121f), f, 0.693260988f), f, 0.999928074f);
+    return __int_as_float(__float_as_int(j) * (1 << 23) + __float_as_int(p));  // (bits(j) << 23) = round(x) << 23
 }
 
 __device__ __forceinline__ float r1k_lo(unsigned v) { return __uint_as_float(v << 16); }
@@ -367,8 +380,16 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
 #if R1K_REUSE_P
                 e[j] = r1k_pack(scale * r1k_lo(e[j]), scale * r1k_hi(e[j]));
 #else
+#if R1K_POLY >= 2
+                const float g0 = -coef * r1k_ex2_fma(fmaf(r1k_lo(e[j]), scale2, -lse2));
+#else
                 const float g0 = -coef * r1k_ex2(fmaf(r1k_lo(e[j]), scale2, -lse2));
+#endif
+#if R1K_POLY >= 1
+                const float g1 = -coef * r1k_ex2_fma(fmaf(r1k_hi(e[j]), scale2, -lse2));
+#else
                 const float g1 = -coef * r1k_ex2(fmaf(r1k_hi(e[j]), scale2, -lse2));
+#endif
                 e[j] = r1k_pack(g0, g1);
 #endif
             }

@@ -9,6 +9,7 @@ Semantics (per token t, s = z / tau over the full vocab, vocab possibly split ov
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -104,6 +105,16 @@ LAST_GRPO_PATH: dict[str, object] = {}
 
 def _config(name: str) -> KernelConfig:
     return INTERP_CONFIGS[name] if _interpreting() else CONFIGS[name]
+
+
+@functools.cache
+def _sm_count_cached(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (cached: the property query costs host time on every call)."""
+    return _sm_count_cached(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _num_programs(cfg: KernelConfig, n_rows: int, device: torch.device) -> int:
@@ -672,12 +683,11 @@ class GRPOLossFunction(torch.autograd.Function):
         if dx is None:
             raise RuntimeError("GRPOLossFunction: backward called twice or the gradient was not computed")
         ctx.dx = None  # free the buffer with the graph; a second backward is not supported
-        if grad_loss is not None:
-            g = grad_loss.detach().float().reshape(())
-            if not torch.equal(g, torch.full_like(g, ctx.grad_scale)):  # one host sync, saves a full pass
-                s = (g / ctx.grad_scale).reshape(1)
-                block = 4096
-                K._scale_kernel[(triton.cdiv(dx.numel(), block),)](dx, s, dx.numel(), BLOCK=block)
+        if grad_loss is not None:  # no host sync: the kernel itself returns at once when the factor is 1
+            s = grad_loss.detach().float().reshape(1) / ctx.grad_scale
+            block = 4096
+            n_prog = min(triton.cdiv(dx.numel(), block), 4 if _interpreting() else 8 * _sm_count(dx.device))
+            K._scale_kernel[(max(1, n_prog),)](dx, s, dx.numel(), BLOCK=block)
         return (dx,) + (None,) * 13
 
 
