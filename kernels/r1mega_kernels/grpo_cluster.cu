@@ -35,6 +35,7 @@
 #define R1K_REM (R1K_NVEC % R1K_THREADS)            // threads holding one more vector
 #define R1K_VEC_PER_THREAD (R1K_KF + (R1K_REM > 0))
 #define R1K_WARPS (R1K_THREADS / 32)
+#define R1K_CLUSTER_POW2 (R1K_CLUSTER <= 2 ? 2 : R1K_CLUSTER <= 4 ? 4 : 8)
 #define R1K_PAD2 0xF149F149u  // two bf16 -1e30: pads a short slice, adds exactly 0 to the statistics
 
 __device__ __forceinline__ unsigned r1k_smem_addr(const void* p) {
@@ -131,9 +132,10 @@ __device__ __forceinline__ void r1k_merge(float& m, float& d, float& sd, float m
     m = big;
 }
 
+template <int FIRST = 16>  // merge lanes [0, 2 * FIRST) (all 32 by default) into every one of them
 __device__ __forceinline__ void r1k_warp_merge(float& m, float& d, float& sd) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
+    for (int o = FIRST; o > 0; o >>= 1) {
         const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
         const float d2 = __shfl_xor_sync(0xffffffffu, d, o);
         const float sd2 = __shfl_xor_sync(0xffffffffu, sd, o);
@@ -214,9 +216,16 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
         asm volatile("cp.async.commit_group;" ::: "memory");
 #endif
     };
+    // One warp polls an mbarrier while the others sleep in __syncthreads (polling warps would take issue slots from
+    // the working ones); then every thread's own (immediately successful) wait acquires the data for itself.
+    auto wait_all = [&](unsigned bar, unsigned phase) {
+        if (warp == 0) r1k_bar_wait(bar, phase);
+        __syncthreads();
+        r1k_bar_wait(bar, phase);
+    };
     auto wait_slot = [&]() {  // all threads: the slice of the current row is in the slot and visible
 #if R1K_TMA
-        r1k_bar_wait(bar_s, bar_phase);
+        wait_all(bar_s, bar_phase);
         bar_phase ^= 1u;
 #else
         asm volatile("cp.async.wait_group 0;" ::: "memory");
@@ -324,7 +333,7 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
 #if R1K_HAS_REF
         const float ref_logp = REF[row];
 #endif
-        r1k_bar_wait(xbar0_s + 8u * parity, (xphase >> parity) & 1u);
+        wait_all(xbar0_s + 8u * parity, (xphase >> parity) & 1u);
         xphase ^= 1u << parity;
         float cm = R1K_NEG_BIG, cd = 0.0f, csd = 0.0f, ut = R1K_NEG_BIG;
         if (lane < R1K_CLUSTER) {
@@ -334,9 +343,9 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
             csd = pr.z;
             ut = pr.w;
         }
-        r1k_warp_merge(cm, cd, csd);
+        r1k_warp_merge<R1K_CLUSTER_POW2 / 2>(cm, cd, csd);  // only lanes < C hold partials
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ut = fmaxf(ut, __shfl_xor_sync(0xffffffffu, ut, o));
+        for (int o = R1K_CLUSTER_POW2 / 2; o > 0; o >>= 1) ut = fmaxf(ut, __shfl_xor_sync(0xffffffffu, ut, o));
         // part[parity] is rewritten two rows later, after every warp passed the next row's __syncthreads
         parity ^= 1;
 
