@@ -29,11 +29,8 @@ L = 2048
 CC = cuda_grpo.ClusterConfig
 VARIANTS: dict[str, cuda_grpo.ClusterConfig | None] = {
     "C2 t1024": CC(2, 1024),
-    "C2 t1024 poly-half": CC(2, 1024, poly=1),
-    "C2 t1024 reuse-p": CC(2, 1024, reuse_p=True),
     "C2 t512": CC(2, 512),
-    "C2 t512 poly-half": CC(2, 512, poly=1),
-    "C4 t256 2/SM poly-half": CC(4, 256, min_blocks=2, poly=1),
+    "C4 t256 2/SM": CC(4, 256, min_blocks=2),
     "C4 t512 2/SM": CC(4, 512, min_blocks=2),
 }
 

@@ -39,17 +39,12 @@ class ClusterConfig:
 
     ``ctas_per_sm``: CTAs the grid assumes resident per SM (the kernel is persistent over rows; 0 = from the
     compiled kernel's shared memory / registers). ``min_blocks``: the register budget handed to the compiler
-    (``__launch_bounds__``). ``tma``: bulk-copy loads (else per-thread cp.async). ``reuse_p``: the gradient sweep
-    reuses the statistics sweep's exponentials, held as bf16 (see R1K_REUSE_P in the .cu file). ``poly``: how many of
-    the gradient sweep's exponentials run on the FMA pipe (0 none, 1 half, 2 all; R1K_POLY)."""
+    (``__launch_bounds__``)."""
 
     cluster: int = 2
     threads: int = 1024
     ctas_per_sm: int = 0
     min_blocks: int = 1
-    tma: bool = True
-    reuse_p: bool = False
-    poly: int = 0
 
 
 @dataclass
@@ -108,9 +103,6 @@ def _compile(cfg: ClusterConfig, chunk: int, has_ref: bool, device_index: int) -
         R1K_CHUNK=chunk,
         R1K_HAS_REF=int(has_ref),
         R1K_MIN_BLOCKS=cfg.min_blocks,
-        R1K_TMA=int(cfg.tma),
-        R1K_REUSE_P=int(cfg.reuse_p),
-        R1K_POLY=int(cfg.poly),
     )
     src = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE.read_text()
     major, minor = torch.cuda.get_device_capability(device_index)

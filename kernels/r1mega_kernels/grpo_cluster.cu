@@ -2,8 +2,8 @@
 //
 // Why CUDA and not Triton: the gradient of a row needs the row's log-sum-exp, so a one-read kernel must hold the row
 // (151936 x 2 B = 304 KB) on chip until the whole row has been reduced. No single SM holds that; a cluster of C CTAs
-// (Hopper) holds one 1/C slice each, exchanges its partial softmax statistics through distributed shared memory and
-// a hardware cluster barrier, then writes its gradient slice from registers. Triton 3.6 exposes neither clusters,
+// (Hopper) holds one 1/C slice each, exchanges its partial softmax statistics through distributed shared memory,
+// then writes its gradient slice from registers. Triton 3.6 exposes neither clusters,
 // DSMEM nor explicit shared-memory tiles; its global-memory exchange variants were latency-bound
 // (docs/perf/kernels.md). The hardware co-schedules a cluster's CTAs, so the exchange cannot deadlock: no timeouts,
 // no fallback.
@@ -13,19 +13,18 @@
 //   R1K_CLUSTER  CTAs per row (cluster size, 2..8)         R1K_THREADS  threads per CTA (multiple of 32)
 //   R1K_CHUNK    columns per CTA (multiple of 8)          R1K_HAS_REF  1: k3 KL term to the reference log-probs
 //   R1K_MIN_BLOCKS  CTAs per SM the register allocation must allow (__launch_bounds__)
-//   R1K_TMA      1: the slice is fetched by the bulk-copy (TMA) engine, one thread issues it and an mbarrier
-//                counts the bytes; 0: every thread issues 16-byte cp.async copies (its warps stall while the
-//                load/store unit has no free slot, which serialises the prefetch with the compute)
-//   R1K_POLY     gradient sweep exponentials on the FMA pipe (r1k_ex2_fma): 0 none, 1 every second one, 2 all
-//   R1K_REUSE_P  1: the statistics sweep keeps 2^(u - m_thread) as bf16 in the registers and the gradient
-//                sweep rescales it (one multiply instead of an ex2 per element; ~1 extra bf16 rounding)
 //
 // Per CTA and row (persistent over rows r = cluster id + k * clusters):
-//   1. its slice [rank * CHUNK, +CHUNK) arrived in shared memory (cp.async, issued one row ahead) -> registers;
-//      the shared slot is then refilled at once with the next row's slice (prefetch overlaps everything below)
+//   1. its slice [rank * CHUNK, +CHUNK) arrived in shared memory (one bulk (TMA) copy per 16 KB, issued one row
+//      ahead, an mbarrier counts the bytes) -> registers; the slot is then refilled at once with the next row's
+//      slice, so the copy overlaps everything below
 //   2. per-thread then per-CTA base-2 softmax statistics (max m, sum 2^(u-m), sum 2^(u-m)(u-m)), target logit
-//   3. cluster barrier; every warp merges the C partials read from the siblings' shared memory -> lse, loss terms
+//   3. each CTA sends its partial to every sibling's shared memory with st.async (which completes the receiver's
+//      mbarrier: no cluster-wide barrier, whose release semantics would wait for the gradient stores to drain);
+//      every warp merges the C partials -> lse, loss terms
 //   4. gradient slice written from the registers: coef * (onehot - 2^(u - lse))
+// Measured alternatives (docs/perf/kernels.md): per-thread cp.async instead of TMA, reusing the statistics sweep's
+// exponentials as bf16, part of the exponentials on the FMA pipe: none faster.
 // Semantics are those of ops.py (see its module docstring); rows with weight 0 are never read.
 
 #define R1K_NEG_BIG (-1.0e30f)
@@ -48,18 +47,6 @@ __device__ __forceinline__ float r1k_ex2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
-}
-
-// 2^x for x <= 0 on the FMA pipe (no MUFU): round-to-nearest split x = i + f, f in [-1/2, 1/2], a degree-3 fit of
-// 2^f (max relative error 7.5e-5, 4% of a bf16 half-ulp), then i added to the exponent bits with one integer
-// multiply-add. Used for part of the gradient sweep, whose results are rounded to bf16 anyway: the MUFU unit (16
-// ex2 per clock per SM) is the busiest pipe of this kernel. Below 2^-126 it returns ~2^-126 instead of 0.
-__device__ __forceinline__ float r1k_ex2_fma(float x) {
-    x = fmaxf(x, -126.0f);
-    const float j = x + 12582912.0f;  // 1.5 * 2^23: the integer nearest x lands in the low mantissa bits of j
-    const float f = x - (j - 12582912.0f);
-    float p = fmaf(fmaf(fmaf(0.0551716539f, f, 0.242611121f), f, 0.693260988f), f, 0.999928074f);
-    return __int_as_float(__float_as_int(j) * (1 << 23) + __float_as_int(p));  // (bits(j) << 23) = round(x) << 23
 }
 
 __device__ __forceinline__ float r1k_lo(unsigned v) { return __uint_as_float(v << 16); }
@@ -157,7 +144,7 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
     __shared__ __align__(16) float part[2][R1K_CLUSTER][4];  // per row parity: every CTA's (m, d, sd, target)
     __shared__ float red[R1K_WARPS][3];
     __shared__ float tgt_logit;
-    __shared__ __align__(8) unsigned long long slot_bar;  // R1K_TMA: completes when the slice has arrived
+    __shared__ __align__(8) unsigned long long slot_bar;  // completes when the slice has arrived (TMA)
     __shared__ __align__(8) unsigned long long xbar[2];   // per row parity: completes when all C partials arrived
 
     const unsigned rank = r1k_sreg_cluster_rank();
@@ -194,7 +181,6 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
     };
     auto prefetch = [&](int row) {  // called by all threads
         const char* src = reinterpret_cast<const char*>(x_row(row));
-#if R1K_TMA
         if (tid == 0) {
             const unsigned bytes = 16u * nvec;
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // our reads of the slot came first
@@ -208,13 +194,6 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
                     : "memory");
             }
         }
-#else
-        for (int v = tid; v < nvec; v += R1K_THREADS) {
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(slot_s + 16u * v), "l"(src + 16ll * v)
-                         : "memory");
-        }
-        asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
     };
     // One warp polls an mbarrier while the others sleep in __syncthreads (polling warps would take issue slots from
     // the working ones); then every thread's own (immediately successful) wait acquires the data for itself.
@@ -224,13 +203,8 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
         r1k_bar_wait(bar, phase);
     };
     auto wait_slot = [&]() {  // all threads: the slice of the current row is in the slot and visible
-#if R1K_TMA
         wait_all(bar_s, bar_phase);
         bar_phase ^= 1u;
-#else
-        asm volatile("cp.async.wait_group 0;" ::: "memory");
-        __syncthreads();
-#endif
     };
 
     int row = (int)r1k_sreg_cluster_id();
@@ -292,15 +266,8 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
                 const float p0 = r1k_ex2(t0), p1 = r1k_ex2(t1);
                 d += p0 + p1;
                 sd = fmaf(p0, t0, fmaf(p1, t1, sd));
-#if R1K_REUSE_P
-                e[j] = r1k_pack(p0, p1);
-#endif
             }
-#if R1K_REUSE_P
-            q[k] = make_uint4(e[0], e[1], e[2], e[3]);
-#endif
         }
-        const float m_thread = m;
         r1k_warp_merge(m, d, sd);
         if (lane == 0) {
             red[warp][0] = m;
@@ -343,9 +310,13 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
             csd = pr.z;
             ut = pr.w;
         }
-        r1k_warp_merge<R1K_CLUSTER_POW2 / 2>(cm, cd, csd);  // only lanes < C hold partials
+        r1k_warp_merge<R1K_CLUSTER_POW2 / 2>(cm, cd, csd);  // only lanes < C hold partials: merge those ...
 #pragma unroll
         for (int o = R1K_CLUSTER_POW2 / 2; o > 0; o >>= 1) ut = fmaxf(ut, __shfl_xor_sync(0xffffffffu, ut, o));
+        cm = __shfl_sync(0xffffffffu, cm, 0);  // ... and hand lane 0's result to the whole warp
+        cd = __shfl_sync(0xffffffffu, cd, 0);
+        csd = __shfl_sync(0xffffffffu, csd, 0);
+        ut = __shfl_sync(0xffffffffu, ut, 0);
         // part[parity] is rewritten two rows later, after every warp passed the next row's __syncthreads
         parity ^= 1;
 
@@ -375,9 +346,6 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
         }
 
         // 4. gradient slice from the registers: -coef * p everywhere, then the target element coef * (1 - p)
-#if R1K_REUSE_P
-        const float scale = -coef * r1k_ex2(m_thread - lse2);  // p = 2^(u - m_thread) * 2^(m_thread - lse2)
-#endif
         const bool full = nvec == R1K_NVEC;
         unsigned short* dx_row = dx_of(row);
 #pragma unroll
@@ -386,21 +354,9 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
             unsigned e[4] = {q[k].x, q[k].y, q[k].z, q[k].w};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-#if R1K_REUSE_P
-                e[j] = r1k_pack(scale * r1k_lo(e[j]), scale * r1k_hi(e[j]));
-#else
-#if R1K_POLY >= 2
-                const float g0 = -coef * r1k_ex2_fma(fmaf(r1k_lo(e[j]), scale2, -lse2));
-#else
                 const float g0 = -coef * r1k_ex2(fmaf(r1k_lo(e[j]), scale2, -lse2));
-#endif
-#if R1K_POLY >= 1
-                const float g1 = -coef * r1k_ex2_fma(fmaf(r1k_hi(e[j]), scale2, -lse2));
-#else
                 const float g1 = -coef * r1k_ex2(fmaf(r1k_hi(e[j]), scale2, -lse2));
-#endif
                 e[j] = r1k_pack(g0, g1);
-#endif
             }
             const unsigned store = ((k < R1K_KF && full) || v < nvec) ? 1u : 0u;  // no branch: a predicated store
             asm volatile(
