@@ -23,6 +23,7 @@ import torch
 
 _SOURCE = Path(__file__).with_name("grpo_cluster.cu")
 _KERNEL = "r1k_grpo_cluster"
+DIAG = 0  # benchmark-only ablations compiled into the kernel (R1K_DIAG in the .cu file); 0 in real use
 _DISABLED: list[str] = []  # set once if compiling / launching failed: every later call goes to Triton
 
 
@@ -96,13 +97,14 @@ def _device_limits(index: int) -> tuple[int, int]:
 
 
 @functools.cache
-def _compile(cfg: ClusterConfig, chunk: int, has_ref: bool, device_index: int) -> _Compiled:
+def _compile(cfg: ClusterConfig, chunk: int, has_ref: bool, device_index: int, diag: int = 0) -> _Compiled:
     defines = dict(
         R1K_CLUSTER=cfg.cluster,
         R1K_THREADS=cfg.threads,
         R1K_CHUNK=chunk,
         R1K_HAS_REF=int(has_ref),
         R1K_MIN_BLOCKS=cfg.min_blocks,
+        R1K_DIAG=diag,
     )
     src = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE.read_text()
     major, minor = torch.cuda.get_device_capability(device_index)
@@ -189,7 +191,7 @@ def launch(
     """Enqueue the kernel on the current stream; returns launch details (grid, registers, occupancy)."""
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     chunk = _chunk(vocab, cfg.cluster)
-    comp = _compile(cfg, chunk, has_ref, dev)
+    comp = _compile(cfg, chunk, has_ref, dev, DIAG)
     clusters = max(1, min(n_rows, comp.resident))
     # per-token inputs as the kernel reads them (T elements each: negligible next to the logits)
     tgt = tgt.to(torch.int64).contiguous()

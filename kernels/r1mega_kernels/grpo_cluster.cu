@@ -27,6 +27,9 @@
 // exponentials as bf16, part of the exponentials on the FMA pipe: none faster.
 // Semantics are those of ops.py (see its module docstring); rows with weight 0 are never read.
 
+#ifndef R1K_DIAG  // benchmark-only ablations (results are wrong): 1 no gradient stores, 2 no loads, 4 no exchange
+#define R1K_DIAG 0
+#endif
 #define R1K_NEG_BIG (-1.0e30f)
 #define R1K_LN2 0.6931471805599453f
 #define R1K_NVEC (R1K_CHUNK / 8)                    // 16-byte vectors in a full slice
@@ -182,7 +185,7 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
     auto prefetch = [&](int row) {  // called by all threads
         const char* src = reinterpret_cast<const char*>(x_row(row));
         if (tid == 0) {
-            const unsigned bytes = 16u * nvec;
+            const unsigned bytes = (R1K_DIAG & 2) ? 0u : 16u * nvec;
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // our reads of the slot came first
             asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar_s), "r"(bytes) : "memory");
             for (unsigned off = 0; off < bytes; off += 16384u) {
@@ -283,7 +286,8 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
                 wsd = red[lane][2];
             }
             r1k_warp_merge(wm, wd, wsd);
-            if (lane == 0) {  // arm our barrier for C partials, then send ours to every CTA (ourselves included)
+            if (lane == 0 && (R1K_DIAG & 4)) part[parity][rank][0] = wm;
+            if (lane == 0 && !(R1K_DIAG & 4)) {  // arm our barrier for C partials, send ours to every CTA (us too)
                 asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(xbar0_s + 8u * parity),
                              "r"(16u * R1K_CLUSTER)
                              : "memory");
@@ -300,8 +304,12 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
 #if R1K_HAS_REF
         const float ref_logp = REF[row];
 #endif
-        wait_all(xbar0_s + 8u * parity, (xphase >> parity) & 1u);
-        xphase ^= 1u << parity;
+        if (R1K_DIAG & 4) {
+            __syncthreads();
+        } else {
+            wait_all(xbar0_s + 8u * parity, (xphase >> parity) & 1u);
+            xphase ^= 1u << parity;
+        }
         float cm = R1K_NEG_BIG, cd = 0.0f, csd = 0.0f, ut = R1K_NEG_BIG;
         if (lane < R1K_CLUSTER) {
             const float4 pr = *reinterpret_cast<const float4*>(&part[parity][lane][0]);
@@ -358,7 +366,7 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
                 const float g1 = -coef * r1k_ex2(fmaf(r1k_hi(e[j]), scale2, -lse2));
                 e[j] = r1k_pack(g0, g1);
             }
-            const unsigned store = ((k < R1K_KF && full) || v < nvec) ? 1u : 0u;  // no branch: a predicated store
+            const unsigned store = ((k < R1K_KF && full) || v < nvec) && !(R1K_DIAG & 1);  // a predicated store
             asm volatile(
                 "{ .reg .pred p; setp.ne.u32 p, %5, 0; @p st.global.cs.v4.u32 [%0], {%1, %2, %3, %4}; }" ::"l"(
                     dx_row + 8ll * v),
