@@ -29,9 +29,11 @@ L = 2048
 CC = cuda_grpo.ClusterConfig
 VARIANTS: dict[str, cuda_grpo.ClusterConfig | None] = {
     "C2 t1024": CC(2, 1024),
-    "C2 t512": CC(2, 512),
+    "C2 t1024 no staging": CC(2, 1024, stage=False),
+    "C3 t1024": CC(3, 1024),
+    "C4 t512": CC(4, 512),
     "C4 t256 2/SM": CC(4, 256, min_blocks=2),
-    "C4 t512 2/SM": CC(4, 512, min_blocks=2),
+    "C2 t512": CC(2, 512),
 }
 
 
@@ -174,7 +176,8 @@ def shape(T: int, V: int, variants: dict) -> dict:
         if cfg is None:
             continue
         r = B.record("grpo", T, V, f"ours cluster {name}", lambda c=cfg: run(x, ids, old, ref, adv, w, c), nbytes)
-        info = {k: ops.LAST_GRPO_PATH.get(k) for k in ("grid", "max_active_clusters", "occupancy", "n_regs")}
+        keys = ("grid", "max_active_clusters", "occupancy", "n_regs", "stage_vec", "chunk")
+        info = {k: ops.LAST_GRPO_PATH.get(k) for k in keys}
         print(f"      {info}", flush=True)
         out[f"cluster {name}"] = r and r["ms"]
     return out
@@ -187,7 +190,7 @@ def diagnose(T: int, V: int) -> None:
     names = {0: "full kernel", 1: "no gradient stores", 2: "no loads", 4: "no exchange", 3: "no loads, no stores",
              5: "no stores, no exchange", 7: "compute only"}  # fmt: skip
     print(f"=== ablations at T={T} V={V} (ms, median) ===", flush=True)
-    for cfg_name in ("C2 t1024", "C4 t256 2/SM"):
+    for cfg_name in ("C2 t1024", "C3 t1024"):
         cfg = VARIANTS[cfg_name]
         for diag, what in names.items():
             cuda_grpo.DIAG = diag

@@ -40,12 +40,14 @@ class ClusterConfig:
 
     ``ctas_per_sm``: CTAs the grid assumes resident per SM (the kernel is persistent over rows; 0 = from the
     compiled kernel's shared memory / registers). ``min_blocks``: the register budget handed to the compiler
-    (``__launch_bounds__``)."""
+    (``__launch_bounds__``). ``stage``: write as much of each gradient slice as the shared memory left over holds
+    through a staging buffer and an asynchronous bulk store (R1K_STAGE_VEC), so the writes spread over time."""
 
     cluster: int = 2
     threads: int = 1024
     ctas_per_sm: int = 0
     min_blocks: int = 1
+    stage: bool = True
 
 
 @dataclass
@@ -54,6 +56,7 @@ class _Compiled:
     smem: int
     occupancy: int
     n_regs: int
+    stage_vec: int
     max_clusters: int
     resident: int  # clusters in the persistent grid
 
@@ -98,7 +101,13 @@ def _device_limits(index: int) -> tuple[int, int]:
 
 @functools.cache
 def _compile(cfg: ClusterConfig, chunk: int, has_ref: bool, device_index: int, diag: int = 0) -> _Compiled:
+    props = torch.cuda.get_device_properties(device_index)
+    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
+    # shared memory per CTA: the slot, then as much staging as fits (1 KB kept for the static arrays)
+    budget = min(_device_limits(device_index)[1], smem_sm // cfg.min_blocks - 1024) - 1024
+    stage_vec = max(0, min(chunk // 8, (budget - chunk * 2) // 16)) if cfg.stage else 0
     defines = dict(
+        R1K_STAGE_VEC=stage_vec,
         R1K_CLUSTER=cfg.cluster,
         R1K_THREADS=cfg.threads,
         R1K_CHUNK=chunk,
@@ -110,15 +119,13 @@ def _compile(cfg: ClusterConfig, chunk: int, has_ref: bool, device_index: int, d
     major, minor = torch.cuda.get_device_capability(device_index)
     with torch.cuda.device(device_index):
         kernel = torch.cuda._compile_kernel(src, _KERNEL, compute_capability=f"{major}{minor}")
-        smem = chunk * 2
+        smem = chunk * 2 + stage_vec * 16
         kernel.set_shared_memory_config(smem)
     lib = torch.cuda._utils._get_gpu_runtime_library()
     regs = ctypes.c_int()
     static = ctypes.c_int()
     lib.cuFuncGetAttribute(ctypes.byref(regs), 4, kernel.func)  # CU_FUNC_ATTRIBUTE_NUM_REGS
     lib.cuFuncGetAttribute(ctypes.byref(static), 1, kernel.func)  # CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES
-    props = torch.cuda.get_device_properties(device_index)
-    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
     regs_sm = getattr(props, "regs_per_multiprocessor", 65536)
     per_cta_smem = smem + static.value + 1024  # + the 1 KB the hardware reserves per CTA
     occ = max(1, min(smem_sm // per_cta_smem, regs_sm // max(1, regs.value * cfg.threads), 2048 // cfg.threads))
@@ -128,7 +135,7 @@ def _compile(cfg: ClusterConfig, chunk: int, has_ref: bool, device_index: int, d
         resident = props.multi_processor_count * occ // cfg.cluster
     else:
         resident = max_clusters or props.multi_processor_count * occ // cfg.cluster
-    return _Compiled(kernel.func, smem, occ, regs.value, max_clusters, max(1, resident))
+    return _Compiled(kernel.func, smem, occ, regs.value, stage_vec, max_clusters, max(1, resident))
 
 
 class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h)
@@ -227,5 +234,6 @@ def launch(
         max_active_clusters=comp.max_clusters,
         occupancy=comp.occupancy,
         n_regs=comp.n_regs,
+        stage_vec=comp.stage_vec,
         chunk=chunk,
     )

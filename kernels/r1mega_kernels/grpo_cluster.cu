@@ -13,6 +13,8 @@
 //   R1K_CLUSTER  CTAs per row (cluster size, 2..8)         R1K_THREADS  threads per CTA (multiple of 32)
 //   R1K_CHUNK    columns per CTA (multiple of 8)          R1K_HAS_REF  1: k3 KL term to the reference log-probs
 //   R1K_MIN_BLOCKS  CTAs per SM the register allocation must allow (__launch_bounds__)
+//   R1K_STAGE_VEC   16-byte vectors of each gradient slice written through the shared-memory staging buffer by
+//                   a bulk store that drains during the next row (the rest: st.global from the threads at once)
 //
 // Per CTA and row (persistent over rows r = cluster id + k * clusters):
 //   1. its slice [rank * CHUNK, +CHUNK) arrived in shared memory (one bulk (TMA) copy per 16 KB, issued one row
@@ -143,7 +145,7 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
                  float inv_tau, float eps_low, float eps_high, float beta) {
     // X and DX may alias (in-place gradient): a CTA reads its whole slice before writing it, and never touches
     // another CTA's slice, so no __restrict__ on them.
-    extern __shared__ __align__(16) uint4 r1k_slot[];  // this CTA's slice of the next row, R1K_CHUNK bf16
+    extern __shared__ __align__(16) uint4 r1k_slot[];  // next row's slice (R1K_NVEC vectors), then the staging
     __shared__ __align__(16) float part[2][R1K_CLUSTER][4];  // per row parity: every CTA's (m, d, sd, target)
     __shared__ float red[R1K_WARPS][3];
     __shared__ float tgt_logit;
@@ -158,6 +160,7 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
     const int n_local = rest <= 0 ? 0 : (rest < R1K_CHUNK ? (int)rest : R1K_CHUNK);
     const int nvec = n_local >> 3;  // the host guarantees vocab % 8 == 0
     const unsigned slot_s = r1k_smem_addr(r1k_slot);
+    const unsigned stage_s = slot_s + 16u * R1K_NVEC;  // staging buffer: R1K_STAGE_VEC vectors after the slot
     const unsigned bar_s = r1k_smem_addr(&slot_bar);
     unsigned bar_phase = 0;
     // A short (last) slice is padded once to the full length: every loop below then runs unpredicated, and only
@@ -305,8 +308,11 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
         const float ref_logp = REF[row];
 #endif
         if (R1K_DIAG & 4) {
+            if (tid == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
             __syncthreads();
         } else {
+            // the previous row's bulk store has read the staging buffer before anyone rewrites it (long done)
+            if (tid == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
             wait_all(xbar0_s + 8u * parity, (xphase >> parity) & 1u);
             xphase ^= 1u << parity;
         }
@@ -353,9 +359,12 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
             OUT_CLIP[row] = clipped ? 1 : 0;
         }
 
-        // 4. gradient slice from the registers: -coef * p everywhere, then the target element coef * (1 - p)
+        // 4. gradient slice from the registers: -coef * p everywhere, then the target element coef * (1 - p).
+        // Vectors [stage_lo, nvec) go to the staging buffer and leave as one bulk (TMA) store that drains while the
+        // next row is processed; the rest are stored by the threads now (a burst: every SM writes at once).
         const bool full = nvec == R1K_NVEC;
         unsigned short* dx_row = dx_of(row);
+        const int stage_lo = nvec - (nvec < R1K_STAGE_VEC ? nvec : R1K_STAGE_VEC);
 #pragma unroll
         for (int k = 0; k < R1K_VEC_PER_THREAD; ++k) {
             const int v = tid + k * R1K_THREADS;
@@ -366,18 +375,43 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
                 const float g1 = -coef * r1k_ex2(fmaf(r1k_hi(e[j]), scale2, -lse2));
                 e[j] = r1k_pack(g0, g1);
             }
-            const unsigned store = ((k < R1K_KF && full) || v < nvec) && !(R1K_DIAG & 1);  // a predicated store
+            const bool valid = ((k < R1K_KF && full) || v < nvec) && !(R1K_DIAG & 1);
+            const unsigned direct = valid && v < stage_lo, staged = valid && v >= stage_lo;  // predicated stores
             asm volatile(
                 "{ .reg .pred p; setp.ne.u32 p, %5, 0; @p st.global.cs.v4.u32 [%0], {%1, %2, %3, %4}; }" ::"l"(
                     dx_row + 8ll * v),
-                "r"(e[0]), "r"(e[1]), "r"(e[2]), "r"(e[3]), "r"(store)
+                "r"(e[0]), "r"(e[1]), "r"(e[2]), "r"(e[3]), "r"(direct)
                 : "memory");
+            asm volatile("{ .reg .pred p; setp.ne.u32 p, %5, 0; @p st.shared.v4.u32 [%0], {%1, %2, %3, %4}; }" ::"r"(
+                             stage_s + 16u * (v - stage_lo)),
+                         "r"(e[0]), "r"(e[1]), "r"(e[2]), "r"(e[3]), "r"(staged)
+                         : "memory");
         }
         if (owns_target && tid == (t_local >> 3) % R1K_THREADS) {  // the thread that stored that vector: ordered
             const unsigned short gt = (unsigned short)(r1k_pack(coef * (1.0f - r1k_ex2(ut - lse2)), 0.0f) & 0xffffu);
-            asm volatile("st.global.cs.u16 [%0], %1;" ::"l"(dx_row + t_local), "h"(gt) : "memory");
+            if ((t_local >> 3) < stage_lo)
+                asm volatile("st.global.cs.u16 [%0], %1;" ::"l"(dx_row + t_local), "h"(gt) : "memory");
+            else
+                asm volatile("st.shared.u16 [%0], %1;" ::"r"(stage_s + 2u * (t_local - 8 * stage_lo)), "h"(gt)
+                             : "memory");
+        }
+        if (stage_lo < nvec) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // our writes, before the copy engine reads
+            __syncthreads();
+            if (tid == 0) {
+                const unsigned bytes = 16u * (nvec - stage_lo);
+                char* dst = reinterpret_cast<char*>(dx_row + 8ll * stage_lo);
+                for (unsigned off = 0; off < bytes; off += 16384u) {
+                    const unsigned n = bytes - off < 16384u ? bytes - off : 16384u;
+                    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst + off),
+                                 "r"(stage_s + off), "r"(n)
+                                 : "memory");
+                }
+                asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+            }
         }
         w = w_next;
     }
+    if (tid == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // the last bulk stores are done
     r1k_cluster_sync();  // keep this CTA's shared memory alive until every sibling has read its last partials
 }
