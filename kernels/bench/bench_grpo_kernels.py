@@ -15,7 +15,6 @@ Run (H200, Liger carried as a wheel; see docs/perf/kernels.md):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import r1mega_kernels as rk  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
-from r1mega_kernels import KernelConfig  # noqa: E402
+from r1mega_kernels import KernelConfig, ops  # noqa: E402
 
 HBM_TBS = 4.3  # measured H200 copy ceiling (perf_anchors.md); the run re-measures it
 EPS_LOW, EPS_HIGH, BETA, TAU = 0.2, 0.28, 0.04, 0.9
@@ -204,20 +203,17 @@ def check_correctness(T: int, V: int, L: int) -> None:
         f"entropy err {(st.entropy - e_ent).abs().max():.2e}"
     )
     assert rel < 1e-2 and abs((lo - le).item()) <= 1e-4 * abs(le.item()) + 1e-6, "grpo_loss disagrees with eager"
-    from r1mega_kernels import ops
-
-    saved_split = rk.CONFIGS["grpo_split"]
-    rk.CONFIGS["grpo_split"] = dataclasses.replace(saved_split, split="fused")
+    print(f"  grpo_loss kernel: {ops.LAST_GRPO_PATH}")
+    saved_cluster = ops.GRPO_CLUSTER
+    ops.GRPO_CLUSTER = None
     try:
         xs = x.detach().requires_grad_()
         ls, sts = rk.grpo_loss(xs, ids, old, ref, adv, w, EPS_LOW, EPS_HIGH, BETA, TAU)
         gs = grads_of(ls, xs).float()
     finally:
-        rk.CONFIGS["grpo_split"] = saved_split
-    info = {k: (int(v.item()) if isinstance(v, torch.Tensor) else v) for k, v in ops.SPLIT_INFO.items()}
-    print(f"  split kernel launch: {info}")
+        ops.GRPO_CLUSTER = saved_cluster
     print(
-        f"  split-row vs default kernel: loss rel {abs((ls - lo).item() / lo.item()):.1e}, grad rel-L2 "
+        f"  triton two-sweep vs default kernel: loss rel {abs((ls - lo).item() / lo.item()):.1e}, grad rel-L2 "
         f"{float((gs - go).norm() / go.norm()):.2e}, max|dgrad| {(gs - go).abs().max():.2e} "
         f"(max|grad| {go.abs().max():.2e}), max|dlogp| {(sts.logp - st.logp).abs().max():.2e}, "
         f"max|dent| {(sts.entropy - st.entropy).abs().max():.2e}, "
@@ -337,48 +333,6 @@ def sweep(T: int, V: int, L: int) -> None:
     sync()
 
 
-def split_sweep(T: int, V: int, L: int) -> None:
-    """Launch configs of the split-row GRPO kernel at the main shape; keeps the fastest in rk.CONFIGS."""
-    from r1mega_kernels import ops
-
-    base, ids, old, ref, adv_seq, adv, mask, w = make_inputs(T, V, L)
-    x = base[:, :-1]
-    xg = x.detach().requires_grad_()
-
-    def run_grpo():
-        lo, _ = rk.grpo_loss(xg, ids, old, ref, adv, w, EPS_LOW, EPS_HIGH, BETA, TAU)
-        return grads_of(lo, xg)
-
-    def sp(b: int, nw: int, skew: bool, maxnreg: int = 0) -> KernelConfig:
-        return KernelConfig(b, nw, 1, 0, split="fused", skew=skew, maxnreg=maxnreg)
-
-    saved = rk.CONFIGS["grpo_split"]
-    cands = [
-        sp(8192, 8, True),
-        sp(8192, 8, False, 128),
-        sp(8192, 8, True, 128),
-        sp(4096, 8, True),
-        sp(4096, 4, True, 128),
-        sp(16384, 16, True),
-        sp(4096, 4, False, 96),
-    ]
-    best = None
-    for cfg in cands:
-        rk.CONFIGS["grpo_split"] = cfg
-        name = f"split b{cfg.block_v} w{cfg.num_warps} {'skew' if cfg.skew else 'noskew'} r{cfg.maxnreg}"
-        r = record("sweep-split", T, V, name, run_grpo, 4 * T * V, rep_ms=60)
-        sync()
-        info = {k: (int(v.item()) if isinstance(v, torch.Tensor) else v) for k, v in ops.SPLIT_INFO.items()}
-        print(f"      {info}", flush=True)
-        if r and info.get("err") == 0 and (best is None or r["ms"] < best[0]):
-            best = (r["ms"], cfg)
-    print(f"  split fallbacks so far: {ops.split_fallbacks()}")
-    if best is not None:  # kept opt-in (split="" unless it was on): the table's split-row row uses it
-        rk.CONFIGS["grpo_split"] = dataclasses.replace(best[1], split=saved.split)
-    print(f"  -> grpo_split config {rk.CONFIGS['grpo_split']}", flush=True)
-    sync()
-
-
 _COMPILED: dict[str, Callable] = {}
 
 
@@ -447,14 +401,15 @@ def _logprob_and_grpo(T: int, V: int, L: int, with_compile: bool, ablation: bool
 
     record(sec, T, V, "ours grpo_loss", lambda: ours(False), 2 * nbytes)
     record(sec, T, V, "ours grpo_loss inplace", lambda: ours(True), 2 * nbytes, note="(logits overwritten)")
-    saved_split = rk.CONFIGS["grpo_split"]
-    rk.CONFIGS["grpo_split"] = dataclasses.replace(saved_split, split="fused")
+    saved_cluster = ops.GRPO_CLUSTER
+    ops.GRPO_CLUSTER = None  # the Triton two-sweep kernel: the path off Hopper / for fp32 logits
     try:
-        record(sec, T, V, "ours split-row kernel (opt-in)", lambda: ours(False), 2 * nbytes)
+        record(sec, T, V, "ours triton two-sweep (cluster off)", lambda: ours(False), 2 * nbytes)
     finally:
-        rk.CONFIGS["grpo_split"] = saved_split
-    if ablation:  # the other single-rank implementation, for the record
-        saved = rk.CONFIGS["grpo_fused"]
+        ops.GRPO_CLUSTER = saved_cluster
+    if ablation:  # the other single-rank Triton implementation, for the record
+        saved, saved_cluster = rk.CONFIGS["grpo_fused"], ops.GRPO_CLUSTER
+        ops.GRPO_CLUSTER = None
         if saved.two_kernel:
             rk.CONFIGS["grpo_fused"] = KernelConfig(8192, 8, 3, 2, True, sub=16)
             name = "ours fused 1-kernel (b8192 w8 s3 p2 sub16)"
@@ -464,7 +419,7 @@ def _logprob_and_grpo(T: int, V: int, L: int, with_compile: bool, ablation: bool
         try:
             record(sec, T, V, name, lambda: ours(False), 2 * nbytes)
         finally:
-            rk.CONFIGS["grpo_fused"] = saved
+            rk.CONFIGS["grpo_fused"], ops.GRPO_CLUSTER = saved, saved_cluster
 
 
 def _fused_linear(T: int, V: int, fused_variants: bool) -> None:
@@ -550,9 +505,9 @@ def summary() -> None:
             parts.append(f"lp liger/ours {lpl / lp:.2f}x")
         if g and gl:
             parts.append(f"grpo liger/ours {gl / g:.2f}x (inplace {gl / gi:.2f}x)" if gi else f"grpo {gl / g:.2f}x")
-        g2 = get("grpo fwd+bwd", "ours split-row kernel (opt-in)")
+        g2 = get("grpo fwd+bwd", "ours triton two-sweep (cluster off)")
         if g and g2:
-            parts.append(f"grpo default/split-row {g / g2:.2f}x")
+            parts.append(f"grpo triton/default {g2 / g:.2f}x")
         if mm and best_fl:
             parts.append(
                 f"fused-linear matmul/ours {mm / best_fl['ms']:.3f}x ({best_fl['method']}, "
@@ -567,7 +522,6 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
-    ap.add_argument("--no-split-sweep", action="store_true")
     ap.add_argument("--skip-linear", action="store_true")
     ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--shapes", default="32768x151936,32768x128256,8192x151936,8192x128256")
@@ -594,9 +548,6 @@ def main() -> None:
     if not args.no_sweep:
         print("--- config sweep (main shape)")
         sweep(*shapes[0], L)
-    if not args.no_split_sweep and not _DRY:
-        print("--- split-row kernel sweep (main shape)")
-        split_sweep(*shapes[0], L)
     for i, (T, V) in enumerate(shapes):
         print(f"--- T={T} V={V}  ({time.time() - t0:.0f} s)", flush=True)
         if args.skip_linear:
@@ -604,9 +555,6 @@ def main() -> None:
             free_cache()
         else:
             run_shape(T, V, L, with_compile=not args.no_compile, fused_variants=(i == 0))
-    from r1mega_kernels import ops
-
-    print(f"split-kernel fallbacks (wait timeouts) in this run: {ops.split_fallbacks(DEV)}")
     summary()
     print(f"configs used: {rk.CONFIGS}")
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -316,8 +316,6 @@ def _grpo_kernel(
     OUT_ENT,
     OUT_CLIP,
     OUT_KL,
-    ERR,
-    FALLBACKS,
     T,
     V,
     vocab_start,
@@ -332,7 +330,6 @@ def _grpo_kernel(
     REVERSE: tl.constexpr,
     BLOCK_V: tl.constexpr,
     SUB: tl.constexpr,
-    CHECK_ERR: tl.constexpr = False,
 ):
     """GRPO per-token loss + d(loss)/d(logits) for upstream gradient 1, persistent over rows.
 
@@ -342,9 +339,6 @@ def _grpo_kernel(
     304 KB = 80 MB > 60 MB), so the measured traffic is ~3 passes (docs/perf/kernels.md). Otherwise (vocab-parallel)
     lse2 / logp come from the cross-rank combine and only sweep 2 runs. Rows with weight 0 are never read: their
     gradient row is written as exact zeros and their stats as 0.
-
-    CHECK_ERR: the on-device fallback of ``_grpo_split_kernel``: does nothing unless ERR[0] != 0 (a split-kernel
-    wait timed out), then recomputes every row and counts the event in FALLBACKS[0].
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -352,10 +346,6 @@ def _grpo_kernel(
     n_full = V // BLOCK_V
     tail = n_full * BLOCK_V
     n_rows = T
-    if CHECK_ERR:
-        failed = tl.load(ERR) != 0
-        n_rows = tl.where(failed, T, 0)
-        tl.atomic_add(FALLBACKS, 1, mask=failed & (pid == 0))
     for row in range(pid, n_rows, nprog):
         x_row = X + _row_offset(row, L_inner, stride_xb, stride_xl)
         dx_row = DX + _row_offset(row, L_inner, stride_db, stride_dl)
@@ -441,269 +431,3 @@ def _scale_kernel(X, s_ptr, N, BLOCK: tl.constexpr):
             mask = offs < N
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(X + offs, (x * s).to(X.dtype.element_ty), mask=mask)
-
-
-# ------------------------------------------------------------------------------------------------ split-row GRPO
-# One row is split over K cooperating programs ("siblings", consecutive program ids) of a persistent grid: each
-# holds its CHUNK-column slice of the row in registers, publishes partial stats, gathers its siblings' partials and
-# writes its slice of d(logits) from the registers. DRAM sees one read + one write of the logits (4TV bytes).
-#
-# Exchange without atomics or fences: PART[row, 4, K] (fp32, pre-filled with NaN by the host) receives each
-# sibling's (m, d, sd, u_target); a published value is never NaN, so a reader polls its row's 4K values (volatile
-# loads) until none is NaN. Each 32-bit value is written once, so no ordering between them is needed. The poll is
-# bounded (max_spin rounds, or until another program has flagged an error): on timeout ERR[0] is set, the program
-# stops working, and the host's follow-up launch of ``_grpo_kernel`` (CHECK_ERR) recomputes everything on-device.
-
-
-@triton.jit
-def _split_load(X, stride_xb, stride_xl, XP, stride_pb, stride_pl, L_inner, TGT, W, row, T, lanes, col0, in_v,
-                vocab_start, V, pad, scale2, active, NL: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
-    """Issue the loads of one row's slice (`pad` where masked; nothing read when the row is inactive, i.e. past T,
-    weight 0, or after an error) and of its target logit if this slice owns it. Returns (x, u_target, target col).
-    x: [NL] elements of XP (the logits, or for bf16 the same bytes as int32 pairs: half the registers)."""
-    rc = tl.minimum(row, T - 1)
-    w = tl.load(W + rc).to(tl.float32)
-    on = active & (row < T) & (w != 0.0)
-    xp_row = XP + _row_offset(rc, L_inner, stride_pb, stride_pl)
-    uni = (tl.zeros((NL,), tl.float32) + tl.where(on, 1.0, 0.0)) != 0.0  # uniform: keeps 16-byte vectors
-    x = tl.load(xp_row + lanes, mask=in_v & uni, other=pad, eviction_policy="evict_first")
-    local = tl.load(TGT + rc).to(tl.int64) - vocab_start
-    owned = on & (local >= col0) & (local < col0 + CHUNK) & (local < V)
-    x_row = X + _row_offset(rc, L_inner, stride_xb, stride_xl)
-    ut = tl.load(x_row + local, mask=owned, other=0.0).to(tl.float32) * scale2
-    return x, ut, tl.where(owned, local, -1).to(tl.int32)
-
-
-@triton.jit
-def _split_unpack(x, PACKED: tl.constexpr):
-    """fp32 values of a loaded slice: (even columns, odd columns) of int32-packed bf16 pairs (exact: a bf16 is the
-    top half of an fp32), else (x, x)."""
-    if PACKED:
-        return (x << 16).to(tl.float32, bitcast=True), (x & -65536).to(tl.float32, bitcast=True)
-    else:
-        xf = x.to(tl.float32)
-        return xf, xf
-
-
-@triton.jit
-def _split_publish(PART, W, row, T, k, K, x, ut, scale2, active, PACKED: tl.constexpr):
-    """Partial stats of this slice (base 2, relative to the slice max) -> PART[row, :, k]; padding lanes hold `pad`,
-    whose exp2 underflows to 0. Skipped (no compute) for inactive rows."""
-    rc = tl.minimum(row, T - 1)
-    on = active & (row < T) & (tl.load(W + rc).to(tl.float32) != 0.0)
-    if on:
-        lo, hi = _split_unpack(x, PACKED)
-        if PACKED:
-            m = tl.max(tl.maximum(lo, hi), 0) * scale2
-        else:
-            m = tl.max(lo, 0) * scale2
-        t = lo * scale2 - m
-        p = tl.exp2(t)
-        d = tl.sum(p, 0)
-        sd = tl.sum(p * t, 0)
-        if PACKED:
-            t2 = hi * scale2 - m
-            p2 = tl.exp2(t2)
-            d += tl.sum(p2, 0)
-            sd += tl.sum(p2 * t2, 0)
-        base = PART + rc.to(tl.int64) * (4 * K) + k
-        tl.store(base, m)
-        tl.store(base + K, d)
-        tl.store(base + 2 * K, sd)
-        tl.store(base + 3 * K, ut)
-
-
-@triton.jit
-def _split_gather(PART, ERR, row, K, keep, max_spin, KP: tl.constexpr):
-    """Wait (bounded) for the K partials of ``row`` and merge them: returns (m, d, sd, ut, ok)."""
-    kk = tl.arange(0, KP)
-    msk = kk < tl.where(keep, K, 0)  # (not `& keep`: the 3.9 interpreter mistypes a broadcast bool)
-    base = PART + tl.cast(row, tl.int64) * (4 * K) + kk
-    m = tl.load(base, mask=msk, other=NEG_BIG, volatile=True)
-    d = tl.load(base + K, mask=msk, other=0.0, volatile=True)
-    sd = tl.load(base + 2 * K, mask=msk, other=0.0, volatile=True)
-    ut = tl.load(base + 3 * K, mask=msk, other=0.0, volatile=True)
-    missing = tl.sum(((m != m) | (d != d) | (sd != sd) | (ut != ut)).to(tl.int32), 0)
-    err = tl.load(ERR, volatile=True)
-    spins = 0
-    while (missing > 0) & (err == 0) & (spins < max_spin):
-        m = tl.load(base, mask=msk, other=NEG_BIG, volatile=True)
-        d = tl.load(base + K, mask=msk, other=0.0, volatile=True)
-        sd = tl.load(base + 2 * K, mask=msk, other=0.0, volatile=True)
-        ut = tl.load(base + 3 * K, mask=msk, other=0.0, volatile=True)
-        missing = tl.sum(((m != m) | (d != d) | (sd != sd) | (ut != ut)).to(tl.int32), 0)
-        err = tl.load(ERR, volatile=True)
-        spins += 1
-    ok = missing == 0
-    tl.store(ERR, 1, mask=missing != 0)
-    big_m, dd, ssd = _vec_merge(m, d, sd)
-    return big_m, tl.where(keep, dd, 1.0), ssd, tl.sum(ut, 0), ok
-
-
-@triton.jit
-def _split_finish(
-    row, k, x, loc, m, d, sd, ut, W, DXP, stride_qb, stride_ql, L_inner, cols, lanes, in_v,
-    OLD, REF, ADV, LOSS, OUT_LOGP, OUT_ENT, OUT_CLIP, OUT_KL,
-    scale2, inv_tau, eps_low, eps_high, beta, HAS_REF: tl.constexpr, WRITE_GRAD: tl.constexpr, PACKED: tl.constexpr,
-):  # fmt: skip
-    """Per-token terms (stored by sibling 0) and this slice's gradient, from the registers."""
-    w = tl.load(W + row).to(tl.float32)
-    lse2, coef = _grpo_token(
-        row, ut, m, d, sd, w, k == 0, OLD, REF, ADV, LOSS, OUT_LOGP, OUT_ENT, OUT_CLIP, OUT_KL,
-        inv_tau, eps_low, eps_high, beta, HAS_REF,
-    )  # fmt: skip
-    if WRITE_GRAD:
-        lo, hi = _split_unpack(x, PACKED)
-        dx_row = DXP + _row_offset(row, L_inner, stride_qb, stride_ql)
-        g = tl.where(cols == loc, coef, 0.0) - coef * tl.exp2(lo * scale2 - lse2)
-        if PACKED:  # round to bf16 (nearest) and pack the pair back into an int32
-            g2 = tl.where(cols + 1 == loc, coef, 0.0) - coef * tl.exp2(hi * scale2 - lse2)
-            b = g.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
-            b2 = g2.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16
-            tl.store(dx_row + lanes, b | b2, mask=in_v, eviction_policy="evict_first")
-        else:
-            tl.store(dx_row + lanes, g.to(DXP.dtype.element_ty), mask=in_v, eviction_policy="evict_first")
-
-
-@triton.jit
-def _grpo_split_kernel(
-    X, stride_xb, stride_xl, XP, stride_pb, stride_pl, DXP, stride_qb, stride_ql, L_inner,
-    TGT, OLD, REF, ADV, W,
-    LOSS, OUT_LOGP, OUT_ENT, OUT_CLIP, OUT_KL, PART, ERR,
-    T, V, K, vocab_start, scale2, inv_tau, eps_low, eps_high, beta, pad, max_spin,
-    HAS_REF: tl.constexpr, WRITE_GRAD: tl.constexpr, PUBLISH: tl.constexpr, FINISH: tl.constexpr,
-    SKEW: tl.constexpr, PACKED: tl.constexpr, CHUNK: tl.constexpr, NL: tl.constexpr, KP: tl.constexpr,
-):  # fmt: skip
-    """Split-row GRPO loss + gradient. Program pid = g * K + k handles slice k (CHUNK columns) of rows g, g + G, ...
-    (G = grid / K). PACKED (bf16, even V and strides): XP / DXP are the logits / gradient as int32 pairs, strides
-    in pairs; else XP = X, DXP = the gradient, strides in elements. NL = lanes per slice (CHUNK // 2 if PACKED).
-
-    PUBLISH and FINISH (fused, GPU): one kernel; needs all K siblings of a group co-resident (the host sizes the
-    grid to the occupancy; a timeout falls back, see above). Software-pipelined: the loads of the next row are in
-    flight while this row is reduced; SKEW also publishes row i+1 before waiting for row i's partials, so the wait
-    normally finds them already there. PUBLISH only, then FINISH only (two launches, "phased"): the same code with
-    the kernel boundary as the barrier (3 passes over the logits); it is how the CPU interpreter, which runs the
-    programs one after another, checks the slice / merge math with K > 1.
-    """
-    pid = tl.program_id(0)
-    G = tl.num_programs(0) // K
-    g = pid // K
-    k = pid - g * K
-    col0 = k * CHUNK
-    lanes = col0 // (CHUNK // NL) + tl.arange(0, NL)
-    cols = lanes * (CHUNK // NL)  # column of each lane (of its even element when PACKED)
-    in_v = cols < V
-    ok = pid >= 0
-    x_cur, ut_cur, loc_cur = _split_load(X, stride_xb, stride_xl, XP, stride_pb, stride_pl, L_inner, TGT, W, g, T,
-                                         lanes, col0, in_v, vocab_start, V, pad, scale2, ok, NL, CHUNK)  # fmt: skip
-    if SKEW:
-        if PUBLISH:
-            _split_publish(PART, W, g, T, k, K, x_cur, ut_cur, scale2, ok, PACKED)
-        x_nxt, ut_nxt, loc_nxt = _split_load(X, stride_xb, stride_xl, XP, stride_pb, stride_pl, L_inner, TGT, W,
-                                             g + G, T, lanes, col0, in_v, vocab_start, V, pad, scale2, ok, NL,
-                                             CHUNK)  # fmt: skip
-    for row in range(g, T, G):
-        if SKEW:  # loads of row + 2G in flight; publish row + G; then wait for row (published an iteration ago)
-            x_nn, ut_nn, loc_nn = _split_load(X, stride_xb, stride_xl, XP, stride_pb, stride_pl, L_inner, TGT, W,
-                                              row + 2 * G, T, lanes, col0, in_v, vocab_start, V, pad, scale2, ok,
-                                              NL, CHUNK)  # fmt: skip
-            if PUBLISH:
-                _split_publish(PART, W, row + G, T, k, K, x_nxt, ut_nxt, scale2, ok, PACKED)
-        else:  # loads of row + G in flight; publish row; wait for row
-            x_nn, ut_nn, loc_nn = _split_load(X, stride_xb, stride_xl, XP, stride_pb, stride_pl, L_inner, TGT, W,
-                                              row + G, T, lanes, col0, in_v, vocab_start, V, pad, scale2, ok, NL,
-                                              CHUNK)  # fmt: skip
-            if PUBLISH:
-                _split_publish(PART, W, row, T, k, K, x_cur, ut_cur, scale2, ok, PACKED)
-        if FINISH:
-            keep = (tl.load(W + row).to(tl.float32) != 0.0) & ok
-            m, d, sd, ut, ok_row = _split_gather(PART, ERR, row, K, keep, max_spin, KP)
-            ok = ok & ok_row
-            _split_finish(
-                row, k, x_cur, loc_cur, m, d, sd, ut, W, DXP, stride_qb, stride_ql, L_inner, cols, lanes, in_v,
-                OLD, REF, ADV, LOSS, OUT_LOGP, OUT_ENT, OUT_CLIP, OUT_KL,
-                scale2, inv_tau, eps_low, eps_high, beta, HAS_REF, WRITE_GRAD, PACKED,
-            )  # fmt: skip
-        if SKEW:
-            x_cur, ut_cur, loc_cur = x_nxt, ut_nxt, loc_nxt
-            x_nxt, ut_nxt, loc_nxt = x_nn, ut_nn, loc_nn
-        else:
-            x_cur, ut_cur, loc_cur = x_nn, ut_nn, loc_nn
-
-
-# ------------------------------------------------------------------------------- split-row GRPO, L2 re-read ("l2")
-# Same exchange as above (PART pre-filled with NaN, bounded poll, ERR flag + host-enqueued fallback), but nothing is
-# held in registers across the wait: a program streams its chunk once for the partial stats (first read, kept in L2
-# with EVICT1), publishes, waits for its siblings, then streams the chunk AGAIN for the gradient. Splitting the row
-# over K programs shrinks what is read-but-not-yet-re-read to ~(programs in flight) x (row bytes / K), which fits in
-# L2 (H200: 2 x 132 x 304 KB / K = 40 MB at K = 2), so the second read should come from L2: DRAM traffic ~4TV.
-
-
-@triton.jit
-def _grpo_l2_kernel(
-    X, stride_xb, stride_xl, DX, stride_db, stride_dl, L_inner,
-    TGT, OLD, REF, ADV, W,
-    LOSS, OUT_LOGP, OUT_ENT, OUT_CLIP, OUT_KL, PART, ERR,
-    T, V, K, CHUNK, vocab_start, scale2, inv_tau, eps_low, eps_high, beta, max_spin,
-    HAS_REF: tl.constexpr, WRITE_GRAD: tl.constexpr, PUBLISH: tl.constexpr, FINISH: tl.constexpr,
-    BLOCK_V: tl.constexpr, SUB: tl.constexpr, KP: tl.constexpr, REVERSE: tl.constexpr, EVICT1: tl.constexpr,
-):  # fmt: skip
-    """Program pid = g * K + k handles columns [k * CHUNK, min((k + 1) * CHUNK, V)) of rows g, g + G, ...
-    (G = grid / K; CHUNK a multiple of 16 elements so that the chunk start keeps 16-byte alignment). PUBLISH and
-    FINISH: one launch (siblings must be co-resident: the host sizes the grid to the occupancy); PUBLISH then FINISH
-    as two launches ("l2-phased"): the kernel boundary is the barrier (the CPU interpreter's K > 1 check).
-    Sweep 1 (PUBLISH): per-tile-row stats of the chunk (``_row_stats_vec``) + the target logit if the chunk owns it
-    -> PART[row, :, k]. Sweep 2 (FINISH): merge the K partials, per-token terms (stored by sibling 0), gradient of
-    the chunk from a re-read (REVERSE: newest blocks first). Rows with weight 0 (or after an error) are not read."""
-    pid = tl.program_id(0)
-    G = tl.num_programs(0) // K
-    g = pid // K
-    k = pid - g * K
-    col0 = k * CHUNK
-    n_cols = tl.minimum(CHUNK, V - col0)
-    offs = tl.arange(0, BLOCK_V)
-    n_full = n_cols // BLOCK_V
-    tail = n_full * BLOCK_V
-    ok = pid >= 0
-    for row in range(g, T, G):
-        w = tl.load(W + row).to(tl.float32)
-        keep = (w != 0.0) & ok
-        act = tl.where(keep, 1.0, 0.0)
-        x_row = X + _row_offset(row, L_inner, stride_xb, stride_xl) + col0
-        local = tl.load(TGT + row).to(tl.int64) - vocab_start - col0  # target column relative to the chunk
-        if PUBLISH:
-            if keep:
-                m, d, sd = _row_stats_vec(x_row, n_cols, scale2, act, BLOCK_V, SUB, EVICT1)
-                owned = (local >= 0) & (local < n_cols)
-                ut = tl.load(x_row + local, mask=owned, other=0.0).to(tl.float32) * scale2
-                base = PART + tl.cast(row, tl.int64) * (4 * K) + k
-                tl.store(base, m)
-                tl.store(base + K, d)
-                tl.store(base + 2 * K, sd)
-                tl.store(base + 3 * K, ut)
-        if FINISH:
-            m, d, sd, ut, ok_row = _split_gather(PART, ERR, row, K, keep, max_spin, KP)
-            ok = ok & ok_row
-            lse2, coef = _grpo_token(
-                row, ut, m, d, sd, w, k == 0, OLD, REF, ADV, LOSS, OUT_LOGP, OUT_ENT, OUT_CLIP, OUT_KL,
-                inv_tau, eps_low, eps_high, beta, HAS_REF,
-            )  # fmt: skip
-            if WRITE_GRAD:
-                dx_row = DX + _row_offset(row, L_inner, stride_db, stride_dl) + col0
-                rd = (tl.zeros((BLOCK_V,), tl.float32) + act) != 0.0  # uniform: keeps 16-byte vectors
-                if tail < n_cols:
-                    cols = tail + offs
-                    cm = cols < n_cols
-                    z = tl.load(x_row + cols, mask=cm & rd, other=0.0, eviction_policy="evict_first")
-                    p = tl.exp2(z.to(tl.float32) * scale2 - lse2)
-                    gx = coef * (tl.where(cols == local, 1.0, 0.0) - p)
-                    tl.store(dx_row + cols, gx.to(DX.dtype.element_ty), mask=cm, eviction_policy="evict_first")
-                for i in range(0, n_full):
-                    if REVERSE:
-                        cols = (n_full - 1 - i) * BLOCK_V + offs
-                    else:
-                        cols = i * BLOCK_V + offs
-                    z = tl.load(x_row + cols, mask=rd, other=0.0, eviction_policy="evict_first")
-                    p = tl.exp2(z.to(tl.float32) * scale2 - lse2)
-                    gx = coef * (tl.where(cols == local, 1.0, 0.0) - p)
-                    tl.store(dx_row + cols, gx.to(DX.dtype.element_ty), eviction_policy="evict_first")

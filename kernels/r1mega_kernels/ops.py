@@ -36,14 +36,6 @@ class KernelConfig:
     logits) instead of the fused one-kernel two-sweep version.
     interleave (entry "grpo_fused" only, needs sub > 0): the fused kernel pipelines across rows (row r's gradient
     sweep and row r + grid's statistics sweep in one loop), see ``_kernels._grpo_interleaved_kernel``.
-    split (entry "grpo_split" only): "fused" = single-rank GRPO with each row split over cooperating programs
-    (``_kernels._grpo_split_kernel``; block_v = the columns one program holds, progs_per_sm = cap on programs per
-    SM, 0 = the occupancy), "phased" = the same math as two launches, "" = off (use "grpo_fused"). skew: publish
-    row i + 1 before waiting for row i. max_spin: poll rounds before a wait gives up (then the fallback runs).
-    split = "l2": the same exchange, but each program streams its chunk twice (stats, then gradient: the re-read
-    should hit L2) instead of holding it in registers (``_kernels._grpo_l2_kernel``): k_split = siblings per row,
-    block_v = tile of a sweep, sub = per-tile-row stats width, evict1 = cache hint of the first read; "l2-phased" =
-    the same as two launches (CPU checks of the K > 1 math).
     """
 
     block_v: int
@@ -54,12 +46,6 @@ class KernelConfig:
     sub: int = 0
     two_kernel: bool = False
     interleave: bool = False
-    split: str = ""
-    skew: bool = True
-    max_spin: int = 1 << 17
-    maxnreg: int = 0
-    k_split: int = 2
-    evict1: str = "evict_last"
 
 
 def _interpreting() -> bool:
@@ -76,24 +62,11 @@ CONFIGS: dict[str, KernelConfig] = {
     "grpo_fused": KernelConfig(block_v=8192, num_warps=32, num_stages=1, progs_per_sm=0, reverse=True, sub=16),
     # gradient-only pass (vocab-parallel path): Liger-like one 16-warp program per row
     "grpo_grad": KernelConfig(block_v=4096, num_warps=16, num_stages=1, progs_per_sm=0, reverse=False),
-    # single-rank GRPO, rows split over co-resident programs (one read of the logits): OFF by default. Correct, but
-    # 13.5 ms vs 7.2 ms for "grpo_fused" on the H200 (docs/perf/kernels.md: too few rows in flight when they must be
-    # held in registers); this is the best config of its sweep: set split="fused" to use it. The L2 re-read variant
-    # (split="l2") was also slower: best KernelConfig(8192, 32, 1, sub=16, split="l2", k_split=2) at 9.97 ms vs 7.29 ms
-    # (1 program per SM: latency-bound; docs/perf/kernels.md).
-    "grpo_split": KernelConfig(block_v=4096, num_warps=4, num_stages=1, split="", skew=True, maxnreg=128),
-    # the split kernel's on-device fallback (runs only after a wait timed out): persistent, so that its no-op
-    # launch is cheap
-    "grpo_fallback": KernelConfig(block_v=8192, num_warps=8, num_stages=3, progs_per_sm=2, sub=16),
 }
 INTERP_CONFIGS: dict[str, KernelConfig] = {
     "logprob_entropy": KernelConfig(block_v=256, num_warps=1, num_stages=1),
     "grpo_fused": KernelConfig(block_v=256, num_warps=1, num_stages=1, sub=16),
     "grpo_grad": KernelConfig(block_v=256, num_warps=1, num_stages=1, reverse=False),
-    # off, as on the GPU; tests/test_grpo_kernels.py runs it as "phased" (the interpreter runs programs one after
-    # another, so siblings cannot wait for each other), "fused" with K = 1, and "fused" K > 1 into the fallback
-    "grpo_split": KernelConfig(block_v=256, num_warps=1, num_stages=1, split="", skew=False),
-    "grpo_fallback": KernelConfig(block_v=256, num_warps=1, num_stages=1, sub=16),
 }
 
 
@@ -247,146 +220,18 @@ class GRPOStats(NamedTuple):
     kl: torch.Tensor  # fp32 k3 estimator (0 when ref_logp is None)
 
 
-_FALLBACKS: dict[str, torch.Tensor] = {}
-_OCCUPANCY: dict[tuple, tuple[int, dict]] = {}
-SPLIT_INFO: dict[str, object] = {}  # launch details of the last split-kernel call (benchmark / debugging)
-
-
-def _fallback_counter(dev: torch.device) -> torch.Tensor:
-    key = str(dev)
-    if key not in _FALLBACKS:
-        _FALLBACKS[key] = torch.zeros(1, dtype=torch.int32, device=dev)
-    return _FALLBACKS[key]
-
-
-def split_fallbacks(device: torch.device | str | None = None) -> int:
-    """How many split-kernel calls on ``device`` timed out in a wait and were recomputed by the fallback kernel
-    (one host sync). Non-zero means the grid was not co-resident (e.g. other kernels held SMs): results are right,
-    the time is ~2x."""
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    t = _FALLBACKS.get(str(torch.device(device)))
-    return 0 if t is None else int(t.item())
-
-
-def _split_occupancy(cfg: KernelConfig, args: tuple, kwargs: dict, dev: torch.device, kernel=None) -> int:
-    """Programs of the split kernel that fit on one SM at once, from the compiled kernel's registers and shared
-    memory (the fused-softmax tutorial's recipe); 1 (always co-resident) if that cannot be determined."""
-    kernel = K._grpo_split_kernel if kernel is None else kernel
-    key = (str(dev), str(getattr(kernel, "__name__", id(kernel))))
-    key += tuple(sorted((k, str(v)) for k, v in kwargs.items()))
-    key += tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
-    if key not in _OCCUPANCY:
-        occ, info = 1, {}
-        try:
-            kern = kernel.warmup(*args, grid=(1,), **kwargs)
-            kern._init_handles()
-            n_regs, smem = int(kern.n_regs), int(kern.metadata.shared)
-            props = triton.runtime.driver.active.utils.get_device_properties(dev.index or 0)
-            regs_sm = int(props.get("max_num_regs", 65536))
-            smem_sm = int(props.get("max_shared_mem", 232448)) + 1024
-            nw = int(kwargs.get("num_warps", cfg.num_warps))
-            regs_warp = -(-max(n_regs, 1) * 32 // 256) * 256  # allocated per warp in units of 256
-            warps_regs = 4 * ((regs_sm // 4) // regs_warp)  # four SM sub-partitions, a quarter of the file each
-            occ = max(1, min(warps_regs // nw, 64 // nw, 32, smem_sm // (smem + 1024)))
-            info = dict(n_regs=n_regs, n_spills=int(getattr(kern, "n_spills", -1)), smem=smem)
-        except Exception as e:  # noqa: BLE001 - unknown occupancy: one program per SM is always co-resident
-            info = dict(occupancy_error=f"{type(e).__name__}: {e}")
-        _OCCUPANCY[key] = (occ, info)
-    occ, info = _OCCUPANCY[key]
-    SPLIT_INFO.update(info)
-    return occ
-
-
 def _launch_grpo_kernel(
     cfg, grid, rows, drows, tgt, old, ref, adv, w, lse2, logp, loss_tok, ent, clip, kl, vocab_start, scale2,
-    inv_tau, eps_low, eps_high, beta, has_ref, fused, write_grad, err=None, fallbacks=None,
+    inv_tau, eps_low, eps_high, beta, has_ref, fused, write_grad,
 ):  # fmt: skip
     K._grpo_kernel[grid](
         rows.tensor, rows.stride_b, rows.stride_l, drows.tensor, drows.stride_b, drows.stride_l, rows.l_inner,
         tgt, old, ref, adv, w, lse2, logp, loss_tok, logp, ent, clip, kl,
-        w if err is None else err, w if fallbacks is None else fallbacks,
         # the kernel's "inv_tau" carries grad_scale too: the gradient is pre-multiplied, the loss is not
         rows.n_rows, rows.vocab, vocab_start, scale2, inv_tau, float(eps_low), float(eps_high), float(beta),
         HAS_REF=has_ref, FUSED_STATS=fused, WRITE_GRAD=write_grad, REVERSE=cfg.reverse, BLOCK_V=cfg.block_v,
-        SUB=cfg.sub, CHECK_ERR=err is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SUB=cfg.sub, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-
-
-def _try_split(
-    rows, drows, tgt, old, ref, adv, w, loss_tok, logp, ent, clip, kl, vocab_start, scale2, inv_tau,
-    eps_low, eps_high, beta, has_ref,
-) -> bool:  # fmt: skip
-    """Single-rank GRPO with the gradient through the split-row kernel; False if it does not apply here."""
-    cfg = _config("grpo_split")
-    dev = rows.tensor.device
-    if cfg.split in ("l2", "l2-phased") and (_interpreting() or dev.type == "cuda"):
-        return _try_split_l2(
-            cfg, rows, drows, tgt, old, ref, adv, w, loss_tok, logp, ent, clip, kl, vocab_start, scale2, inv_tau,
-            eps_low, eps_high, beta, has_ref,
-        )  # fmt: skip
-    if cfg.split not in ("fused", "phased") or not (_interpreting() or dev.type == "cuda"):
-        return False
-    n, V = rows.n_rows, rows.vocab
-    chunk = max(16, min(cfg.block_v, triton.next_power_of_2(V)))
-    k_sib = triton.cdiv(V, chunk)
-    kp = max(2, triton.next_power_of_2(k_sib))
-    x, dx = rows.tensor, drows.tensor
-    # bf16 pairs as int32 (half the registers per held element) where the layout allows it
-    packed = (
-        x.dtype == torch.bfloat16
-        and dx.dtype == torch.bfloat16
-        and chunk >= 32
-        and all(v % 2 == 0 for v in (V, rows.stride_b, rows.stride_l, drows.stride_b, drows.stride_l))
-        and all(t.storage_offset() % 2 == 0 and t.data_ptr() % 4 == 0 for t in (x, dx))
-    )
-    if packed:
-        b = int(torch.tensor(-1.0e30, dtype=torch.bfloat16).view(torch.int16).item()) & 0xFFFF
-        pad = ((b << 16) | b) - (1 << 32)  # two bf16 pads as a (negative) int32
-        xp, dxp = x.view(torch.int32), dx.view(torch.int32)
-        pstr = (rows.stride_b // 2, rows.stride_l // 2, drows.stride_b // 2, drows.stride_l // 2)
-    else:
-        pad = -65504.0 if x.dtype == torch.float16 else -1.0e30
-        xp, dxp = x, dx
-        pstr = (rows.stride_b, rows.stride_l, drows.stride_b, drows.stride_l)
-    part = torch.full((n * 4 * k_sib,), math.nan, dtype=torch.float32, device=dev)
-    err = torch.zeros(1, dtype=torch.int32, device=dev)
-    args = (
-        x, rows.stride_b, rows.stride_l, xp, pstr[0], pstr[1], dxp, pstr[2], pstr[3], rows.l_inner,
-        tgt, old, ref, adv, w, loss_tok, logp, ent, clip, kl, part, err,
-        n, V, k_sib, vocab_start, scale2, inv_tau, float(eps_low), float(eps_high), float(beta), pad, cfg.max_spin,
-    )  # fmt: skip
-    const = dict(HAS_REF=has_ref, WRITE_GRAD=True, SKEW=cfg.skew, PACKED=packed, CHUNK=chunk, KP=kp)
-    const["NL"] = chunk // 2 if packed else chunk
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.maxnreg > 0 and not _interpreting():
-        launch["maxnreg"] = cfg.maxnreg
-    if cfg.split == "fused":
-        if _interpreting():
-            groups = min(n, 3)
-        else:
-            occ = _split_occupancy(cfg, args, dict(const, PUBLISH=True, FINISH=True, **launch), dev)
-            if cfg.progs_per_sm > 0:
-                occ = min(occ, cfg.progs_per_sm)
-            sms = torch.cuda.get_device_properties(dev).multi_processor_count
-            groups = min(n, (sms * occ) // k_sib)
-            SPLIT_INFO.update(occupancy=occ, sms=sms)
-        if groups < 1:
-            return False
-        K._grpo_split_kernel[(groups * k_sib,)](*args, PUBLISH=True, FINISH=True, **const, **launch)
-    else:
-        groups = min(n, 3) if _interpreting() else min(n, max(1, 4 * 132 // k_sib))
-        const["SKEW"] = False
-        K._grpo_split_kernel[(groups * k_sib,)](*args, PUBLISH=True, FINISH=False, **const, **launch)
-        K._grpo_split_kernel[(groups * k_sib,)](*args, PUBLISH=False, FINISH=True, **const, **launch)
-    SPLIT_INFO.update(
-        mode=cfg.split, chunk=chunk, packed=packed, siblings=k_sib, groups=groups, grid=groups * k_sib, err=err
-    )
-    _launch_split_fallback(
-        rows, drows, tgt, old, ref, adv, w, loss_tok, logp, ent, clip, kl, vocab_start, scale2, inv_tau,
-        eps_low, eps_high, beta, has_ref, err,
-    )  # fmt: skip
-    return True
 
 
 def _try_cluster(
@@ -416,77 +261,6 @@ def _try_cluster(
             return True
     LAST_GRPO_PATH.update(reason=reason)
     return False
-
-
-def _launch_split_fallback(
-    rows, drows, tgt, old, ref, adv, w, loss_tok, logp, ent, clip, kl, vocab_start, scale2, inv_tau,
-    eps_low, eps_high, beta, has_ref, err,
-) -> None:  # fmt: skip
-    """Enqueue the safe two-sweep kernel with CHECK_ERR: a ~us no-op unless a split-kernel wait timed out."""
-    dev = rows.tensor.device
-    fb = _config("grpo_fallback")
-    _launch_grpo_kernel(
-        fb, (_num_programs(fb, rows.n_rows, dev),), rows, drows, tgt, old, ref, adv, w, logp, logp, loss_tok, ent,
-        clip, kl, vocab_start, scale2, inv_tau, eps_low, eps_high, beta, has_ref, True, True, err,
-        _fallback_counter(dev),
-    )  # fmt: skip
-
-
-def _try_split_l2(
-    cfg, rows, drows, tgt, old, ref, adv, w, loss_tok, logp, ent, clip, kl, vocab_start, scale2, inv_tau,
-    eps_low, eps_high, beta, has_ref,
-) -> bool:  # fmt: skip
-    """Single-rank GRPO through ``_grpo_l2_kernel`` (rows split over k_split siblings, each chunk read twice, the
-    second time from L2); False if it does not apply here."""
-    dev = rows.tensor.device
-    n, V = rows.n_rows, rows.vocab
-    # chunk: a multiple of 16 elements (keeps the 16-byte alignment of the chunk starts); siblings = non-empty chunks
-    chunk = max(16, -(-triton.cdiv(V, max(1, cfg.k_split)) // 16) * 16)
-    k_sib = triton.cdiv(V, chunk)
-    kp = max(2, triton.next_power_of_2(k_sib))
-    block = max(16, min(cfg.block_v, triton.next_power_of_2(chunk)))
-    sub = min(cfg.sub, block) if cfg.sub > 0 else 16
-    part = torch.full((n * 4 * k_sib,), math.nan, dtype=torch.float32, device=dev)
-    err = torch.zeros(1, dtype=torch.int32, device=dev)
-    args = (
-        rows.tensor, rows.stride_b, rows.stride_l, drows.tensor, drows.stride_b, drows.stride_l, rows.l_inner,
-        tgt, old, ref, adv, w, loss_tok, logp, ent, clip, kl, part, err,
-        n, V, k_sib, chunk, vocab_start, scale2, inv_tau, float(eps_low), float(eps_high), float(beta), cfg.max_spin,
-    )  # fmt: skip
-    const = dict(
-        HAS_REF=has_ref, WRITE_GRAD=True, BLOCK_V=block, SUB=sub, KP=kp, REVERSE=cfg.reverse, EVICT1=cfg.evict1
-    )
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.maxnreg > 0 and not _interpreting():
-        launch["maxnreg"] = cfg.maxnreg
-    if cfg.split == "l2":
-        if _interpreting():
-            groups = min(n, 3)
-        else:
-            occ = _split_occupancy(
-                cfg, args, dict(const, PUBLISH=True, FINISH=True, **launch), dev, K._grpo_l2_kernel
-            )  # fmt: skip
-            if cfg.progs_per_sm > 0:
-                occ = min(occ, cfg.progs_per_sm)
-            sms = torch.cuda.get_device_properties(dev).multi_processor_count
-            groups = min(n, (sms * occ) // k_sib)
-            SPLIT_INFO.update(occupancy=occ, sms=sms)
-        if groups < 1:
-            return False
-        K._grpo_l2_kernel[(groups * k_sib,)](*args, PUBLISH=True, FINISH=True, **const, **launch)
-    else:
-        groups = min(n, 3) if _interpreting() else min(n, max(1, 2 * 132 // k_sib))
-        K._grpo_l2_kernel[(groups * k_sib,)](*args, PUBLISH=True, FINISH=False, **const, **launch)
-        K._grpo_l2_kernel[(groups * k_sib,)](*args, PUBLISH=False, FINISH=True, **const, **launch)
-    SPLIT_INFO.update(
-        mode=cfg.split, chunk=chunk, block=block, packed=False, siblings=k_sib, groups=groups, grid=groups * k_sib,
-        err=err,
-    )  # fmt: skip
-    _launch_split_fallback(
-        rows, drows, tgt, old, ref, adv, w, loss_tok, logp, ent, clip, kl, vocab_start, scale2, inv_tau,
-        eps_low, eps_high, beta, has_ref, err,
-    )  # fmt: skip
-    return True
 
 
 def _grpo_forward(
@@ -534,65 +308,16 @@ def _grpo_forward(
         ent = torch.empty_like(logp)
     LAST_GRPO_PATH.clear()
     # single rank: the one-read CUDA cluster kernel where it applies (Hopper, bf16), else the Triton kernels
-    cluster = (
-        n > 0
-        and single
-        and write_grad
-        and _try_cluster(
-            rows,
-            drows,
-            tgt,
-            old,
-            ref,
-            adv,
-            w,
-            loss_tok,
-            logp,
-            ent,
-            clip,
-            kl,
-            vocab_start,
-            scale2,
-            inv_tau,
-            eps_low,
-            eps_high,
-            beta,
-            has_ref,
-        )  # fmt: skip
+    # fmt: off
+    cluster = n > 0 and single and write_grad and _try_cluster(
+        rows, drows, tgt, old, ref, adv, w, loss_tok, logp, ent, clip, kl, vocab_start, scale2, inv_tau,
+        eps_low, eps_high, beta, has_ref,
     )
-    # single rank, gradient out of place: the opt-in Triton split-row kernels
-    split = cluster or (
-        n > 0
-        and single
-        and write_grad
-        and not inplace
-        and _try_split(
-            rows,
-            drows,
-            tgt,
-            old,
-            ref,
-            adv,
-            w,
-            loss_tok,
-            logp,
-            ent,
-            clip,
-            kl,
-            vocab_start,
-            scale2,
-            inv_tau,
-            eps_low,
-            eps_high,
-            beta,
-            has_ref,
-        )  # fmt: skip
-    )
+    # fmt: on
     fused = single and not _config("grpo_fused").two_kernel
     if not cluster:
-        kind = "triton-split" if split else "triton-fused" if fused else "triton-2kernel"
-        LAST_GRPO_PATH["path"] = kind if single else "vocab-parallel"
-    if split:
+        LAST_GRPO_PATH["path"] = ("triton-fused" if fused else "triton-2kernel") if single else "vocab-parallel"
+    if cluster:
         pass
     elif single:
         lse2 = logp  # unused by the fused kernel
@@ -603,7 +328,7 @@ def _grpo_forward(
         partial = torch.empty(n, 4, dtype=torch.float32, device=dev)
         _launch_stats(rows, tgt, scale2, vocab_start, partial, partial, partial)
         lse2, logp, ent = combine_stats(all_gather_stats(partial, tp_group))
-    if split:
+    if cluster:
         pass
     elif n > 0 and fused and _config("grpo_fused").interleave:
         cfg = _config("grpo_fused")
@@ -630,10 +355,10 @@ class GRPOLossFunction(torch.autograd.Function):
     """GRPO loss whose forward also writes d(loss)/d(logits) (upstream gradient assumed = grad_scale).
 
     The gradient is known in the forward (the loss is a sum of per-token terms of logp), so the single-rank
-    training cost is one kernel: sweep 1 over a row for its statistics, sweep 2 (re-read, newest blocks first) for
-    the gradient (opt-in alternative, out of place: the split-row kernel, CONFIGS["grpo_split"]). The backward
-    only hands the buffer back, rescaled in place if the upstream gradient differs. Vocab-parallel: stats kernel,
-    one all-gather of [T, 4], gradient kernel.
+    training cost is one kernel: on Hopper with bf16 logits the CUDA cluster kernel (one read + one write of the
+    logits, ``cuda_grpo.py``), elsewhere the Triton kernel (sweep 1 over a row for its statistics, sweep 2 re-reads
+    it, newest blocks first, for the gradient). The backward only hands the buffer back, rescaled in place (no host
+    sync) if the upstream gradient differs. Vocab-parallel: stats kernel, one all-gather of [T, 4], gradient kernel.
     """
 
     @staticmethod
@@ -718,7 +443,7 @@ def grpo_loss(
     ``inplace=True``: saves T*V*2 bytes; the logits are garbage afterwards and must not be needed by any other
     autograd node). It assumes the upstream gradient of the loss is ``grad_scale`` (1 for ``loss.backward()``;
     pass e.g. 1/num_microbatches when a pipeline schedule scales the loss before backward); any other value costs
-    one host sync and an in-place rescale pass. Stats are not differentiable.
+    an in-place rescale pass (no host sync). Stats are not differentiable.
     """
     out = GRPOLossFunction.apply(
         logits,

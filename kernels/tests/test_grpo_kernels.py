@@ -12,36 +12,20 @@ from r1mega_kernels import KernelConfig, ops
 
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 
-# single-rank GRPO implementations. Split-row kernel (CONFIGS["grpo_split"], opt-in, out of place only): as
-# two launches with K > 1 siblings per row (the interpreter default: checks slicing, the partial merge, tails), as
-# one launch with K = 1 (a program is its own sibling: checks the software pipeline and the wait, with and without
-# skew), and one launch with K > 1, which the interpreter cannot co-schedule: every wait times out and the
-# on-device fallback must produce the result. Two-sweep kernels (CONFIGS["grpo_fused"], split off): the fused one
-# with per-tile-row stats, the same pipelined across rows, the same with block reductions, two kernels.
-_OFF = KernelConfig(0, 0, 0)
+# single-rank Triton GRPO implementations (CONFIGS["grpo_fused"]): the fused two-sweep kernel with per-tile-row
+# stats (default), the same pipelined across rows, the same with block reductions, stats + gradient as two kernels.
+# (On Hopper with bf16 the CUDA cluster kernel runs instead; its checks run on the GPU: tests/test_cuda_grpo.py.)
 GRPO_VARIANTS = {
-    "split-phased": (KernelConfig(256, 1, 1, split="phased", skew=False), None),
-    "split-fused-k1": (KernelConfig(1024, 1, 1, split="fused", skew=True), None),
-    "split-fused-k1-noskew": (KernelConfig(1024, 1, 1, split="fused", skew=False), None),
-    "split-timeout-fallback": (KernelConfig(128, 1, 1, split="fused", max_spin=2), None),
-    # L2 re-read split kernel: K = 3 siblings as two launches; K = 1 in one launch (its own sibling: the wait);
-    # K = 2 in one launch (siblings cannot meet on the interpreter: timeout -> fallback)
-    "split-l2-phased": (KernelConfig(64, 1, 1, split="l2-phased", k_split=3, sub=16), None),
-    "split-l2-k1": (KernelConfig(128, 1, 1, split="l2", k_split=1, sub=16, reverse=False, evict1=""), None),
-    "split-l2-timeout-fallback": (KernelConfig(128, 1, 1, split="l2", k_split=2, max_spin=2), None),
-    "default": (_OFF, ops.INTERP_CONFIGS["grpo_fused"]),
-    "interleaved": (_OFF, KernelConfig(block_v=256, num_warps=1, num_stages=1, sub=16, interleave=True)),
-    "fused-block": (_OFF, KernelConfig(block_v=256, num_warps=1, num_stages=1, sub=0, reverse=False)),
-    "two-kernel": (_OFF, KernelConfig(block_v=256, num_warps=1, num_stages=1, two_kernel=True)),
+    "default": ops.INTERP_CONFIGS["grpo_fused"],
+    "interleaved": KernelConfig(block_v=256, num_warps=1, num_stages=1, sub=16, interleave=True),
+    "fused-block": KernelConfig(block_v=256, num_warps=1, num_stages=1, sub=0, reverse=False),
+    "two-kernel": KernelConfig(block_v=256, num_warps=1, num_stages=1, two_kernel=True),
 }
 
 
 @pytest.fixture(params=list(GRPO_VARIANTS))
 def grpo_variant(request, monkeypatch: pytest.MonkeyPatch) -> str:
-    split, fused = GRPO_VARIANTS[request.param]
-    monkeypatch.setitem(ops.INTERP_CONFIGS, "grpo_split", split)
-    if fused is not None:
-        monkeypatch.setitem(ops.INTERP_CONFIGS, "grpo_fused", fused)
+    monkeypatch.setitem(ops.INTERP_CONFIGS, "grpo_fused", GRPO_VARIANTS[request.param])
     return request.param
 
 
@@ -116,75 +100,6 @@ def test_grpo_loss_variants(poison, grpo_variant, dtype, shape, tau, beta, use_r
     _grpo_case(dtype, shape, tau, beta, use_ref, inplace)
 
 
-def test_grpo_split_strided_packed(poison, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Split kernel on a [B, L+1, V][:, :-1] bf16 view (the trainer's layout): int32-packed pairs, no copy."""
-    monkeypatch.setitem(ops.INTERP_CONFIGS, "grpo_split", KernelConfig(128, 1, 1, split="phased", skew=False))
-    full = _logits((2, 6, 300), torch.bfloat16)
-    z = full[:, :-1]
-    y = torch.randint(0, 300, (2, 5))
-    old, ref, adv, w = make_grpo_inputs(z, y, 0.9)
-    loss_r, stats_r, grad_r = ref_grpo(z, y, old, ref, adv, w, EPS_LOW, EPS_HIGH, 0.04, 0.9)
-    x = z.detach().requires_grad_()
-    loss, stats = rk.grpo_loss(x, y, old, ref, adv, w, EPS_LOW, EPS_HIGH, 0.04, 0.9)
-    loss.backward()
-    assert ops.SPLIT_INFO["packed"] and ops.SPLIT_INFO["siblings"] == 3
-    assert abs(float(loss) - float(loss_r)) <= 1e-5 * (abs(float(loss_r)) + float(w.abs().sum()))
-    torch.testing.assert_close(stats.entropy.double(), stats_r[1], rtol=1e-5, atol=5e-5)
-    _check_grad(x.grad, grad_r, torch.bfloat16)
-
-
-@pytest.mark.parametrize(
-    "k_split,block,dtype", [(3, 64, torch.bfloat16), (4, 32, torch.float32), (1, 128, torch.bfloat16)]
-)
-def test_grpo_split_l2_strided(poison, monkeypatch: pytest.MonkeyPatch, k_split, block, dtype) -> None:
-    """L2 split kernel (two launches) on a [B, L+1, V][:, :-1] bf16 view with uneven chunks (V = 300 over K
-    siblings: chunks of a multiple of 16 columns, the last one shorter), with masked rows."""
-    cfg = KernelConfig(block, 1, 1, split="l2-phased", k_split=k_split, sub=16)
-    monkeypatch.setitem(ops.INTERP_CONFIGS, "grpo_split", cfg)
-    full = _logits((2, 6, 300), dtype)
-    z = full[:, :-1]
-    y = torch.randint(0, 300, (2, 5))
-    y[0, :3] = torch.tensor([0, 111, 299])  # targets at the chunk edges
-    old, ref, adv, w = make_grpo_inputs(z, y, 0.9)
-    w[1, 2] = 0.0
-    loss_r, stats_r, grad_r = ref_grpo(z, y, old, ref, adv, w, EPS_LOW, EPS_HIGH, 0.04, 0.9)
-    x = z.detach().requires_grad_()
-    loss, stats = rk.grpo_loss(x, y, old, ref, adv, w, EPS_LOW, EPS_HIGH, 0.04, 0.9)
-    loss.backward()
-    assert ops.SPLIT_INFO["mode"] == "l2-phased" and ops.SPLIT_INFO["siblings"] == k_split
-    assert int(ops.SPLIT_INFO["err"].item()) == 0
-    assert abs(float(loss) - float(loss_r)) <= 1e-5 * (abs(float(loss_r)) + float(w.abs().sum()))
-    torch.testing.assert_close(stats.logp.double(), stats_r[0], rtol=1e-5, atol=5e-5)
-    torch.testing.assert_close(stats.entropy.double(), stats_r[1], rtol=1e-5, atol=5e-5)
-    assert torch.equal(stats.is_clipped, stats_r[2])
-    _check_grad(x.grad, grad_r, dtype)
-    assert bool((x.grad[1, 2] == 0).all())
-
-
-def test_grpo_split_timeout_sets_flag(poison, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A split kernel whose siblings cannot meet (interpreter, K > 1, one launch) flags the timeout, the fallback
-    recomputes on the device and counts the event; siblings that can meet (K = 1) flag nothing."""
-    monkeypatch.setitem(ops.INTERP_CONFIGS, "grpo_split", KernelConfig(128, 1, 1, split="fused", max_spin=3))
-    before = ops.split_fallbacks("cpu")
-    _grpo_case(torch.bfloat16, (7, 300), 1.0, 0.04, True, False)
-    assert int(ops.SPLIT_INFO["err"].item()) == 1 and ops.SPLIT_INFO["siblings"] == 3
-    assert ops.split_fallbacks("cpu") == before + 1
-    monkeypatch.setitem(ops.INTERP_CONFIGS, "grpo_split", KernelConfig(512, 1, 1, split="fused"))
-    _grpo_case(torch.bfloat16, (7, 300), 1.0, 0.04, True, False)
-    assert int(ops.SPLIT_INFO["err"].item()) == 0 and ops.SPLIT_INFO["siblings"] == 1
-    assert ops.split_fallbacks("cpu") == before + 1
-    # the same for the L2 re-read split kernel
-    monkeypatch.setitem(ops.INTERP_CONFIGS, "grpo_split", KernelConfig(128, 1, 1, split="l2", k_split=3, max_spin=3))
-    _grpo_case(torch.bfloat16, (7, 300), 1.0, 0.04, True, False)
-    assert ops.SPLIT_INFO["mode"] == "l2" and ops.SPLIT_INFO["siblings"] == 3
-    assert int(ops.SPLIT_INFO["err"].item()) == 1
-    assert ops.split_fallbacks("cpu") == before + 2
-    monkeypatch.setitem(ops.INTERP_CONFIGS, "grpo_split", KernelConfig(128, 1, 1, split="l2", k_split=1))
-    _grpo_case(torch.bfloat16, (7, 300), 1.0, 0.04, True, False)
-    assert int(ops.SPLIT_INFO["err"].item()) == 0 and ops.SPLIT_INFO["siblings"] == 1
-    assert ops.split_fallbacks("cpu") == before + 2
-
-
 def _grpo_case(dtype, shape, tau, beta, use_ref, inplace) -> None:
     z = _logits(shape, dtype)
     V = shape[-1]
@@ -234,8 +149,8 @@ def test_grpo_all_masked_no_nan(poison, grpo_variant) -> None:
 
 def test_grpo_upstream_gradient(poison) -> None:
     """A non-unit upstream gradient rescales the stored gradient; grad_scale pre-multiplies it instead."""
-    z = _logits((12, 300), torch.float32)
-    y = torch.randint(0, 300, (12,))
+    z = _logits((60, 300), torch.float32)  # 18000 elements: 5 blocks over 4 programs, so the grid-stride loop turns
+    y = torch.randint(0, 300, (60,))
     old, ref, adv, w = make_grpo_inputs(z, y, 1.0)
     _, _, grad_r = ref_grpo(z, y, old, ref, adv, w, EPS_LOW, EPS_HIGH, 0.04, 1.0)
     for grad_scale, factor in ((1.0, 3.0), (0.5, 0.5)):
@@ -321,3 +236,21 @@ def test_vocab_parallel_two_gloo_ranks(tmp_path) -> None:
     torch.testing.assert_close(grad_tp.float(), x.grad.float(), rtol=1.6e-2, atol=1e-3 * float(x.grad.abs().max()))
     _check_grad(grad_tp, grad_r, torch.bfloat16)
     assert bool((grad_tp[w == 0] == 0).all())
+
+
+def test_cluster_kernel_host_checks() -> None:
+    """Off the GPU the CUDA cluster kernel never runs and says why; its slice arithmetic covers the vocabulary in
+    16-byte vectors. (The kernel itself: kernels/gpu_tests, on an sm_90+ GPU.)"""
+    from r1mega_kernels import cuda_grpo
+
+    z = _logits((4, 300), torch.bfloat16).requires_grad_()
+    y = torch.randint(0, 300, (4,))
+    old, ref, adv, w = make_grpo_inputs(z.detach(), y, 1.0)
+    rk.grpo_loss(z, y, old, ref, adv, w, EPS_LOW, EPS_HIGH, 0.04, 1.0)
+    assert ops.LAST_GRPO_PATH == {"path": "triton-fused", "reason": "Triton interpreter"}
+    cfg = cuda_grpo.ClusterConfig()
+    assert cuda_grpo.unsupported_reason(z, z, (300, 300), 300, cfg) == "not a CUDA tensor"
+    for vocab in (8, 40, 1000, 128256, 151936, 151943):
+        for cluster in (2, 3, 4, 8):
+            chunk = cuda_grpo._chunk(vocab, cluster)
+            assert chunk % 8 == 0 and chunk * cluster >= vocab and (chunk - 8) * cluster < vocab
