@@ -92,8 +92,8 @@ def _cfg(*a, **k):
 @pytest.mark.parametrize(
     "T,V,L,beta,masked,cluster,threads",
     [
-        (256, 151936, 128, 0.04, 0.25, 2, 1024),  # Qwen vocabulary, the default launch
-        (512, 128256, 256, 0.04, 0.1, 2, 512),  # Llama-3 vocabulary
+        (256, 151936, 128, 0.04, 0.25, 2, 512),  # Qwen vocabulary, the default launch
+        (512, 128256, 256, 0.04, 0.1, 2, 1024),  # Llama-3 vocabulary
         (96, 1000, 32, 0.04, 0.25, 4, 256),  # short last slice (1000 = 3 x 256 + 232)
         (64, 40, 8, 0.04, 0.25, 8, 256),  # 3 of 8 CTAs hold no columns
         (1, 151936, 1, 0.04, 0.0, 2, 1024),  # one token

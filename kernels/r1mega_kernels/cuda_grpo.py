@@ -44,7 +44,7 @@ class ClusterConfig:
     through a staging buffer and an asynchronous bulk store (R1K_STAGE_VEC), so the writes spread over time."""
 
     cluster: int = 2
-    threads: int = 1024
+    threads: int = 512
     ctas_per_sm: int = 0
     min_blocks: int = 1
     stage: bool = True

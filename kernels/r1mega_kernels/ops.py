@@ -70,8 +70,10 @@ INTERP_CONFIGS: dict[str, KernelConfig] = {
 }
 
 
-# Single-rank GRPO with a bf16 gradient on sm_90+: the one-read cluster kernel (cuda_grpo.py, grpo_cluster.cu);
-# None = off (the Triton kernels above instead). LAST_GRPO_PATH says which kernel the last grpo_loss call used.
+# Single-rank GRPO with a bf16 gradient on sm_90+: the one-read cluster kernel (cuda_grpo.py, grpo_cluster.cu),
+# 2 CTAs x 512 threads per row (the fastest launch of kernels/bench/bench_grpo_cluster.py on the H200, 2026-11-29:
+# docs/perf/kernels.md); None = off (the Triton kernels above instead). LAST_GRPO_PATH: which kernel the last
+# grpo_loss call used, and why not the cluster kernel.
 GRPO_CLUSTER: cuda_grpo.ClusterConfig | None = cuda_grpo.ClusterConfig()
 LAST_GRPO_PATH: dict[str, object] = {}
 
