@@ -48,8 +48,6 @@ class ClusterConfig:
     ctas_per_sm: int = 0
     min_blocks: int = 1
     stage: bool = True
-    stage_interleave: bool = False
-    skew_ns: int = 0
 
 
 @dataclass
@@ -116,8 +114,6 @@ def _compile(cfg: ClusterConfig, chunk: int, has_ref: bool, device_index: int, d
         R1K_HAS_REF=int(has_ref),
         R1K_MIN_BLOCKS=cfg.min_blocks,
         R1K_DIAG=diag,
-        R1K_STAGE_ILV=int(cfg.stage_interleave),
-        R1K_SKEW_NS=cfg.skew_ns,
     )
     src = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE.read_text()
     major, minor = torch.cuda.get_device_capability(device_index)

@@ -29,12 +29,6 @@
 // exponentials as bf16, part of the exponentials on the FMA pipe: none faster.
 // Semantics are those of ops.py (see its module docstring); rows with weight 0 are never read.
 
-#ifndef R1K_STAGE_ILV
-#define R1K_STAGE_ILV 0
-#endif
-#ifndef R1K_SKEW_NS  // clusters with odd id start this much later (de-phases the SMs' write bursts)
-#define R1K_SKEW_NS 0
-#endif
 #ifndef R1K_DIAG  // benchmark-only ablations (results are wrong): 1 no gradient stores, 2 no loads, 4 no exchange
 #define R1K_DIAG 0
 #endif
@@ -182,7 +176,6 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
     }
     __syncthreads();
     r1k_cluster_sync();  // every sibling's barriers are initialised before anyone sends to them
-    if (R1K_SKEW_NS > 0 && (r1k_sreg_cluster_id() & 1u)) __nanosleep(R1K_SKEW_NS);
 
     auto x_row = [&](int row) {
         const int b = row / l_inner;
@@ -367,29 +360,11 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
         }
 
         // 4. gradient slice from the registers: -coef * p everywhere, then the target element coef * (1 - p).
-        // Staged vectors go to the staging buffer and leave by bulk (TMA) stores that drain while the next row is
-        // processed; the others are stored by the threads now (a burst, as every SM writes at about the same time).
-        // R1K_STAGE_ILV: the staged vectors are every second round k of the loop (global stores spread over the
-        // whole sweep; one bulk store per staged round), else the tail [stage_lo, nvec) of the slice.
+        // Vectors [stage_lo, nvec) go to the staging buffer and leave as one bulk (TMA) store that drains while the
+        // next row is processed; the rest are stored by the threads now (a burst: every SM writes at once).
         const bool full = nvec == R1K_NVEC;
         unsigned short* dx_row = dx_of(row);
-#if R1K_STAGE_ILV
-        auto staged_round = [](int k) { return (k & 1) && (k >> 1) < R1K_STAGE_VEC / R1K_THREADS; };
-        auto stage_index = [](int v) { return ((v / R1K_THREADS) >> 1) * R1K_THREADS + v % R1K_THREADS; };
-        const bool any_staged = R1K_STAGE_VEC >= R1K_THREADS && nvec > R1K_THREADS;
-#else
         const int stage_lo = nvec - (nvec < R1K_STAGE_VEC ? nvec : R1K_STAGE_VEC);
-        auto staged_round = [&](int) { return false; };
-        auto stage_index = [&](int v) { return v - stage_lo; };
-        const bool any_staged = stage_lo < nvec;
-#endif
-        auto is_staged = [&](int v) {
-#if R1K_STAGE_ILV
-            return staged_round(v / R1K_THREADS);
-#else
-            return v >= stage_lo;
-#endif
-        };
 #pragma unroll
         for (int k = 0; k < R1K_VEC_PER_THREAD; ++k) {
             const int v = tid + k * R1K_THREADS;
@@ -401,49 +376,37 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
                 e[j] = r1k_pack(g0, g1);
             }
             const bool valid = ((k < R1K_KF && full) || v < nvec) && !(R1K_DIAG & 1);
-            const bool stg = R1K_STAGE_ILV ? staged_round(k) : is_staged(v);
-            const unsigned direct = valid && !stg, staged = valid && stg;  // predicated stores, no branches
+            const unsigned direct = valid && v < stage_lo, staged = valid && v >= stage_lo;  // predicated stores
             asm volatile(
                 "{ .reg .pred p; setp.ne.u32 p, %5, 0; @p st.global.cs.v4.u32 [%0], {%1, %2, %3, %4}; }" ::"l"(
                     dx_row + 8ll * v),
                 "r"(e[0]), "r"(e[1]), "r"(e[2]), "r"(e[3]), "r"(direct)
                 : "memory");
             asm volatile("{ .reg .pred p; setp.ne.u32 p, %5, 0; @p st.shared.v4.u32 [%0], {%1, %2, %3, %4}; }" ::"r"(
-                             stage_s + 16u * stage_index(v)),
+                             stage_s + 16u * (v - stage_lo)),
                          "r"(e[0]), "r"(e[1]), "r"(e[2]), "r"(e[3]), "r"(staged)
                          : "memory");
         }
         if (owns_target && tid == (t_local >> 3) % R1K_THREADS) {  // the thread that stored that vector: ordered
             const unsigned short gt = (unsigned short)(r1k_pack(coef * (1.0f - r1k_ex2(ut - lse2)), 0.0f) & 0xffffu);
-            const int tv = t_local >> 3;
-            if (!is_staged(tv))
+            if ((t_local >> 3) < stage_lo)
                 asm volatile("st.global.cs.u16 [%0], %1;" ::"l"(dx_row + t_local), "h"(gt) : "memory");
             else
-                asm volatile("st.shared.u16 [%0], %1;" ::"r"(stage_s + 16u * stage_index(tv) + 2u * (t_local & 7)),
-                             "h"(gt)
+                asm volatile("st.shared.u16 [%0], %1;" ::"r"(stage_s + 2u * (t_local - 8 * stage_lo)), "h"(gt)
                              : "memory");
         }
-        if (any_staged) {
+        if (stage_lo < nvec) {
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // our writes, before the copy engine reads
             __syncthreads();
             if (tid == 0) {
-                auto bulk_store = [&](int v0, int n_vec) {  // vectors [v0, v0 + n_vec) from their staging slots
-                    const unsigned bytes = 16u * n_vec;
-                    char* dst = reinterpret_cast<char*>(dx_row + 8ll * v0);
-                    const unsigned src = stage_s + 16u * stage_index(v0);
-                    for (unsigned off = 0; off < bytes; off += 16384u) {
-                        const unsigned n = bytes - off < 16384u ? bytes - off : 16384u;
-                        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst + off),
-                                     "r"(src + off), "r"(n)
-                                     : "memory");
-                    }
-                };
-#if R1K_STAGE_ILV
-                for (int k = 1; staged_round(k) && k * R1K_THREADS < nvec; k += 2)
-                    bulk_store(k * R1K_THREADS, min(R1K_THREADS, nvec - k * R1K_THREADS));
-#else
-                bulk_store(stage_lo, nvec - stage_lo);
-#endif
+                const unsigned bytes = 16u * (nvec - stage_lo);
+                char* dst = reinterpret_cast<char*>(dx_row + 8ll * stage_lo);
+                for (unsigned off = 0; off < bytes; off += 16384u) {
+                    const unsigned n = bytes - off < 16384u ? bytes - off : 16384u;
+                    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst + off),
+                                 "r"(stage_s + off), "r"(n)
+                                 : "memory");
+                }
                 asm volatile("cp.async.bulk.commit_group;" ::: "memory");
             }
         }
