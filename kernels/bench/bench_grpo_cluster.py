@@ -28,12 +28,10 @@ from r1mega_kernels import cuda_grpo, ops  # noqa: E402
 L = 2048
 CC = cuda_grpo.ClusterConfig
 VARIANTS: dict[str, cuda_grpo.ClusterConfig | None] = {
+    "C2 t512": CC(2, 512),  # the default
     "C2 t1024": CC(2, 1024),
-    "C2 t1024 no staging": CC(2, 1024, stage=False),
-    "C3 t1024": CC(3, 1024),
-    "C4 t512": CC(4, 512),
+    "C2 t512 no staging": CC(2, 512, stage=False),
     "C4 t256 2/SM": CC(4, 256, min_blocks=2),
-    "C2 t512": CC(2, 512),
 }
 
 
@@ -190,7 +188,7 @@ def diagnose(T: int, V: int) -> None:
     names = {0: "full kernel", 1: "no gradient stores", 2: "no loads", 4: "no exchange", 3: "no loads, no stores",
              5: "no stores, no exchange", 7: "compute only"}  # fmt: skip
     print(f"=== ablations at T={T} V={V} (ms, median) ===", flush=True)
-    for cfg_name in ("C2 t1024", "C3 t1024"):
+    for cfg_name in ("C2 t512", "C2 t512 no staging"):
         cfg = VARIANTS[cfg_name]
         for diag, what in names.items():
             cuda_grpo.DIAG = diag
