@@ -263,14 +263,15 @@ class Policy:
             parallel_state.get_tensor_model_parallel_world_size(),
         )
         u, denom = aggregation_weights(mb["mask"], s.loss_agg, s.max_len)
-        b, t = targets.shape
+        # logits stay the [b, t, V] view of the model output (the last position sliced off): the kernels read it
+        # through its strides (a reshape here would copy the whole logits); per-token inputs are [b, t].
         loss_sum, stats = r1mega_kernels.grpo_loss(
-            logits.reshape(b * t, v_local),
-            targets.reshape(-1),
-            mb["old_logp"].reshape(-1),
-            None if ref is None else ref.reshape(-1),
-            mb["advantages"].reshape(-1),
-            u.reshape(-1),
+            logits,
+            targets,
+            mb["old_logp"],
+            ref,
+            mb["advantages"],
+            u,
             eps_low=s.eps_low,
             eps_high=s.eps_high,
             beta=s.beta if ref is not None else 0.0,

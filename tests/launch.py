@@ -17,9 +17,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(script: str | Path, args: list[str], nproc: int, timeout: int = 240) -> subprocess.CompletedProcess:
+def run_ranks(
+    script: str | Path, args: list[str], nproc: int, timeout: int = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run ``script args`` on ``nproc`` gloo ranks (torchrun; a plain process for 1) and assert it succeeded."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])

@@ -20,11 +20,10 @@ warnings.filterwarnings("ignore")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-LAYOUTS = {"ws1": {}, "tp2": {"tp": 2}, "ep2": {"ep": 2}, "pp2": {"pp": 2}, "tp2ep2": {"tp": 2, "ep": 2},
-           "dp2": {}}
+LAYOUTS = {"ws1": {}, "tp2": {"tp": 2}, "ep2": {"ep": 2}, "pp2": {"pp": 2}, "tp2ep2": {"tp": 2, "ep": 2}, "dp2": {}}
 
 
-def make_config(layout: str, mla: bool, loss_agg: str):
+def make_config(layout: str, mla: bool, loss_agg: str, loss_impl: str = "auto"):
     from r1mega.config import Config
 
     cfg = Config()
@@ -42,6 +41,7 @@ def make_config(layout: str, mla: bool, loss_agg: str):
     cfg.parallel.distributed_optimizer = os.environ.get("DISTOPT", "1") == "1"
     cfg.train.micro_batch_size = 2
     cfg.algo.beta, cfg.algo.eps_low, cfg.algo.eps_high, cfg.algo.loss_agg = 0.05, 0.2, 0.28, loss_agg
+    cfg.algo.loss_impl = loss_impl
     cfg.optim.lr = 1e-3
     return cfg
 
@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--save", action="store_true")
     ap.add_argument("--mla", action="store_true")
     ap.add_argument("--loss-agg", default="seq-mean-token-mean")
+    ap.add_argument("--loss-impl", default="auto", help="triton: the r1mega_kernels loss (TRITON_INTERPRET=1 on CPU)")
     args = ap.parse_args()
 
     import torch
@@ -85,7 +86,7 @@ def main() -> None:
     from r1mega.parallel.runtime import init_runtime, shutdown_runtime
     from r1mega.policy import Policy
 
-    cfg = make_config(args.layout, args.mla, args.loss_agg)
+    cfg = make_config(args.layout, args.mla, args.loss_agg, args.loss_impl)
     rt = init_runtime(cfg.parallel, seed=1)
     vocab = CharTokenizer().vocab_size
     policy = Policy(cfg, rt, vocab)

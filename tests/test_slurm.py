@@ -26,8 +26,7 @@ CPU_SBATCH = ROOT / "slurm" / "cpu_test.sbatch"
 TRAIN_SBATCH = ROOT / "slurm" / "train.sbatch"
 
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID", "SLURM_JOB_NODELIST",
-              "SLURM_NODELIST")
+SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
 
 
 # --------------------------------------------------------------------------- dist_env_from_environ (unit)
@@ -54,26 +53,43 @@ def test_single_process_without_launcher_vars(clean_env):
 
 
 def test_torchrun_vars_win_over_slurm(clean_env):
-    env = dist_env_from_environ({
-        "RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29555",
-        "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "77",
-        "SLURM_JOB_NODELIST": "gpu01",
-    })
-    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == (
-        3, 8, 1, "10.0.0.7", 29555)
+    env = dist_env_from_environ(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "8",
+            "LOCAL_RANK": "1",
+            "MASTER_ADDR": "10.0.0.7",
+            "MASTER_PORT": "29555",
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "2",
+            "SLURM_LOCALID": "0",
+            "SLURM_JOB_ID": "77",
+            "SLURM_JOB_NODELIST": "gpu01",
+        }
+    )
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == (3, 8, 1, "10.0.0.7", 29555)
 
 
 def test_slurm_vars_give_rank_world_and_job_derived_port(clean_env):
-    env = dist_env_from_environ({"SLURM_PROCID": "13", "SLURM_NTASKS": "32", "SLURM_LOCALID": "5",
-                                 "SLURM_JOB_ID": "123456", "MASTER_ADDR": "gpu01"})
+    env = dist_env_from_environ(
+        {
+            "SLURM_PROCID": "13",
+            "SLURM_NTASKS": "32",
+            "SLURM_LOCALID": "5",
+            "SLURM_JOB_ID": "123456",
+            "MASTER_ADDR": "gpu01",
+        }
+    )
     assert (env.rank, env.world_size, env.local_rank, env.master_addr) == (13, 32, 5, "gpu01")
     assert env.master_port == 20000 + 123456 % 40000 == 23456
 
 
 def test_master_port_same_for_all_tasks_of_a_job_and_env_override_wins(clean_env):
     base = {"SLURM_NTASKS": "16", "SLURM_JOB_ID": "987654", "MASTER_ADDR": "n1"}
-    ports = {dist_env_from_environ({**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r % 8)}).master_port
-             for r in range(16)}
+    ports = {
+        dist_env_from_environ({**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r % 8)}).master_port
+        for r in range(16)
+    }
     assert len(ports) == 1 and 20000 <= ports.pop() < 60000
     other = dist_env_from_environ({**base, "SLURM_PROCID": "0", "SLURM_JOB_ID": "987655"})
     assert other.master_port == 20000 + 987655 % 40000
@@ -84,8 +100,9 @@ def test_master_port_same_for_all_tasks_of_a_job_and_env_override_wins(clean_env
 def test_master_addr_from_scontrol_show_hostnames(clean_env, tmp_path):
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "scontrol").write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[07-08]" ] && '
-                                   'printf "gpu07\\ngpu08\\n"\n')
+    (fake / "scontrol").write_text(
+        '#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[07-08]" ] && printf "gpu07\\ngpu08\\n"\n'
+    )
     (fake / "scontrol").chmod(0o755)
     clean_env.setenv("PATH", str(fake))
     clean_env.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
@@ -117,8 +134,9 @@ def test_sbatch_scripts_parse_and_refuse_to_run_outside_slurm():
     for script in (TRAIN_SBATCH, CPU_SBATCH, SLURM_LOCAL):
         subprocess.run(["bash", "-n", str(script)], check=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    r = subprocess.run(["bash", str(TRAIN_SBATCH), "train.steps=1"], env=env, capture_output=True, text=True,
-                       timeout=30)
+    r = subprocess.run(
+        ["bash", str(TRAIN_SBATCH), "train.steps=1"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert r.returncode == 2 and "submit with sbatch" in r.stderr
     header = TRAIN_SBATCH.read_text()
     for directive in ("--ntasks-per-node=8", "--gpus-per-node=8", "--exclusive", "--output=logs/%x-%j.out"):
@@ -160,8 +178,17 @@ def slurm_env():
 
 def _sbatch(env, out_dir: Path, script: Path, *args: str, timeout: float = 150) -> tuple[int, str, float]:
     """sbatch --wait the script with 2 tasks; returns (exit status, job output, seconds)."""
-    cmd = ["sbatch", "--parsable", "--wait", "--ntasks=2", "--time=10", "--job-name=r1mega-test",
-           f"--output={out_dir}/slurm-%j.out", str(script), *args]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "--wait",
+        "--ntasks=2",
+        "--time=10",
+        "--job-name=r1mega-test",
+        f"--output={out_dir}/slurm-%j.out",
+        str(script),
+        *args,
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -189,12 +216,15 @@ def test_sbatch_failing_rank_fails_the_job_fast(slurm_env, tmp_path):
     launcher passes `-m r1mega.train` plus its per-job overrides, and drops rank variables leaked by the
     submitting shell."""
     record = tmp_path / "ranks.txt"
-    fake_python = _write_exe(tmp_path / "fake_python", f"""#!/bin/sh
+    fake_python = _write_exe(
+        tmp_path / "fake_python",
+        f"""#!/bin/sh
 echo "rank=$SLURM_PROCID/$SLURM_NTASKS RANK=${{RANK-unset}} MASTER_PORT=${{MASTER_PORT-unset}} \
 CDMC=$CUDA_DEVICE_MAX_CONNECTIONS NVLS=$NCCL_NVLS_ENABLE args=$*" >> {record}
 [ "$SLURM_PROCID" = 1 ] && exit 7
 sleep 100
-""")
+""",
+    )
     env = {**slurm_env, "R1MEGA_PYTHON": str(fake_python), "RANK": "5", "WORLD_SIZE": "9", "MASTER_PORT": "1"}
     rc, log, elapsed = _sbatch(env, tmp_path, CPU_SBATCH, "parallel.ep=2", "train.steps=1", timeout=90)
     assert rc != 0, log
@@ -211,23 +241,40 @@ sleep 100
 def test_sbatch_two_rank_ep2_training(slurm_env, tmp_path):
     """The real trainer as 2 Slurm tasks = 2 ranks, expert parallel 2 (MoE all-to-all across the tasks)."""
     record = tmp_path / "ranks.txt"
-    wrapper = _write_exe(tmp_path / "python_wrapper", f"""#!/bin/sh
+    wrapper = _write_exe(
+        tmp_path / "python_wrapper",
+        f"""#!/bin/sh
 echo "start rank=$SLURM_PROCID/$SLURM_NTASKS local=$SLURM_LOCALID omp=$OMP_NUM_THREADS" >> {record}
 "{sys.executable}" "$@"
 rc=$?
 echo "exit rank=$SLURM_PROCID rc=$rc" >> {record}
 exit $rc
-""")
+""",
+    )
     env = {**slurm_env, "R1MEGA_PYTHON": str(wrapper), "WANDB_MODE": "disabled"}
     if sys.prefix != sys.base_prefix:
         env["R1MEGA_VENV"] = sys.prefix
     run_dir = tmp_path / "run"
     rc, log, elapsed = _sbatch(
-        env, tmp_path, CPU_SBATCH,
-        "parallel.ep=2", "sft.steps=2", "train.steps=1", "rollout.prompts_per_step=4", "algo.group_size=2",
-        "data.num_train=200", "data.num_eval=4", "train.eval_samples=1", "sft.batch_size=8", "sft.num_examples=64",
-        "rollout.sampling.max_new_tokens=8", "model.num_layers=2", "logging.plot=false", "logging.progress=false",
-        "train.threads=1", f"logging.out_dir={run_dir}",
+        env,
+        tmp_path,
+        CPU_SBATCH,
+        "parallel.ep=2",
+        "sft.steps=2",
+        "train.steps=1",
+        "rollout.prompts_per_step=4",
+        "algo.group_size=2",
+        "data.num_train=200",
+        "data.num_eval=4",
+        "train.eval_samples=1",
+        "sft.batch_size=8",
+        "sft.num_examples=64",
+        "rollout.sampling.max_new_tokens=8",
+        "model.num_layers=2",
+        "logging.plot=false",
+        "logging.progress=false",
+        "train.threads=1",
+        f"logging.out_dir={run_dir}",
     )
     print(f"2-rank ep=2 Slurm job: {elapsed:.1f} s")
     assert rc == 0, log
@@ -235,7 +282,11 @@ exit $rc
     assert "logging.wandb_mode=disabled" in log, log  # WANDB_MODE became the Hydra override
     assert "finished with exit status 0" in log, log
     assert sorted(record.read_text().splitlines()) == [
-        "exit rank=0 rc=0", "exit rank=1 rc=0", "start rank=0/2 local=0 omp=1", "start rank=1/2 local=1 omp=1"]
+        "exit rank=0 rc=0",
+        "exit rank=1 rc=0",
+        "start rank=0/2 local=0 omp=1",
+        "start rank=1/2 local=1 omp=1",
+    ]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 1], rows
     assert "reward/mean" in rows[1] and "train/loss" in rows[1]

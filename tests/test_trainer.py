@@ -15,12 +15,28 @@ import torch
 from r1mega.config import Config
 
 REQUIRED_METRICS = [
-    "reward/mean", "reward/accuracy", "reward/format", "reward/timeouts", "reward/errors",
-    "response/length_mean", "response/finished_frac",
-    "train/loss", "train/kl", "train/clip_frac", "train/entropy", "train/grad_norm",
-    "rollout/logp_diff_mean", "rollout/logp_diff_max",
-    "time/generation", "time/reward", "time/logprobs", "time/training", "time/weight_update", "time/step",
-    "perf/tokens_per_s", "perf/gen_tokens_per_s",
+    "reward/mean",
+    "reward/accuracy",
+    "reward/format",
+    "reward/timeouts",
+    "reward/errors",
+    "response/length_mean",
+    "response/finished_frac",
+    "train/loss",
+    "train/kl",
+    "train/clip_frac",
+    "train/entropy",
+    "train/grad_norm",
+    "rollout/logp_diff_mean",
+    "rollout/logp_diff_max",
+    "time/generation",
+    "time/reward",
+    "time/logprobs",
+    "time/training",
+    "time/weight_update",
+    "time/step",
+    "perf/tokens_per_s",
+    "perf/gen_tokens_per_s",
 ]
 
 
@@ -82,15 +98,27 @@ def test_three_grpo_steps_change_weights_and_log_every_metric():
 
 def _cli(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "r1mega.train", *args], cwd=tmp, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "r1mega.train", *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_cli_run_logs_wandb_metrics_and_plot(tmp_path):
     out = tmp_path / "run"
-    proc = _cli(["sft.steps=3", "train.steps=2", "rollout.prompts_per_step=4", "algo.group_size=2",
-                 "data.num_eval=8", "train.eval_samples=1", "model.num_layers=1", "train.threads=1",
-                 f"logging.out_dir={out}"], tmp_path)
+    proc = _cli(
+        [
+            "sft.steps=3",
+            "train.steps=2",
+            "rollout.prompts_per_step=4",
+            "algo.group_size=2",
+            "data.num_eval=8",
+            "train.eval_samples=1",
+            "model.num_layers=1",
+            "train.threads=1",
+            f"logging.out_dir={out}",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "held-out before RL" in proc.stderr and "held-out after RL" in proc.stderr
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
