@@ -69,21 +69,16 @@ __device__ __forceinline__ unsigned r1k_max2(unsigned a, unsigned b) {  // per-h
     return r;
 }
 
-__device__ __forceinline__ unsigned r1k_sreg_cluster_rank() {
-    unsigned r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-}
-__device__ __forceinline__ unsigned r1k_sreg_cluster_id() {
-    unsigned r;
-    asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(r));
-    return r;
-}
-__device__ __forceinline__ unsigned r1k_sreg_num_clusters() {
-    unsigned r;
-    asm volatile("mov.u32 %0, %%nclusterid.x;" : "=r"(r));
-    return r;
-}
+// Cluster special registers: this CTA's rank in its cluster, the cluster's id, the number of clusters.
+#define R1K_SREG(fn, reg)                                     \
+    __device__ __forceinline__ unsigned fn() {                \
+        unsigned r;                                           \
+        asm volatile("mov.u32 %0, %%" reg ";" : "=r"(r));     \
+        return r;                                             \
+    }
+R1K_SREG(r1k_sreg_cluster_rank, "cluster_ctarank")
+R1K_SREG(r1k_sreg_cluster_id, "clusterid.x")
+R1K_SREG(r1k_sreg_num_clusters, "nclusterid.x")
 
 __device__ __forceinline__ void r1k_cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
