@@ -29,8 +29,7 @@ L = 2048
 CC = cuda_grpo.ClusterConfig
 VARIANTS: dict[str, cuda_grpo.ClusterConfig | None] = {
     "C2 t512": CC(2, 512),  # the default
-    "C2 t512 2 pieces": CC(2, 512, pieces=2),
-    "C2 t512 8 pieces": CC(2, 512, pieces=8),
+    "C2 t1024": CC(2, 1024),
     "C2 t512 no staging": CC(2, 512, stage=False),
     "C4 t256 2/SM": CC(4, 256, min_blocks=2),
 }
@@ -182,10 +181,33 @@ def shape(T: int, V: int, variants: dict) -> dict:
     return out
 
 
+def diagnose(T: int, V: int) -> None:
+    """Time the kernel with parts left out (cuda_grpo.DIAG; the results are wrong): where the time goes."""
+    base, ids, old, ref, _, adv, _, w = B.make_inputs(T, V, L)
+    x = base[:, :-1].detach().requires_grad_()
+    names = {0: "full kernel", 1: "no gradient stores", 2: "no loads", 4: "no exchange", 3: "no loads, no stores",
+             5: "no stores, no exchange", 7: "compute only"}  # fmt: skip
+    print(f"=== ablations at T={T} V={V} (ms, median) ===", flush=True)
+    for cfg_name in ("C2 t512", "C2 t512 no staging"):
+        cfg = VARIANTS[cfg_name]
+        for diag, what in names.items():
+            cuda_grpo.DIAG = diag
+            try:
+                ms = B.bench(lambda c=cfg: run(x, ids, old, ref, adv, w, c))
+            finally:
+                cuda_grpo.DIAG = 0
+            print(f"  {cfg_name:<14} {what:<24} {ms:7.3f} ms", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="32768x151936,32768x128256,8192x151936,8192x128256")
+    ap.add_argument("--diag", action="store_true", help="only the ablation timings at the first shape")
     args = ap.parse_args()
+    if args.diag:
+        T, V = (int(v) for v in args.shapes.split(",")[0].split("x"))
+        diagnose(T, V)
+        return
     print(
         f"date {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}; torch {torch.__version__}; "
         f"triton {triton.__version__}; {B.LIGER_NOTE}"

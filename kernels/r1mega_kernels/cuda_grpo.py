@@ -23,6 +23,7 @@ import torch
 
 _SOURCE = Path(__file__).with_name("grpo_cluster.cu")
 _KERNEL = "r1k_grpo_cluster"
+DIAG = 0  # benchmark-only ablations compiled into the kernel (R1K_DIAG in the .cu file); 0 in real use
 _DISABLED: list[str] = []  # set once if compiling / launching failed: every later call goes to Triton
 
 
@@ -40,15 +41,13 @@ class ClusterConfig:
     ``ctas_per_sm``: CTAs the grid assumes resident per SM (the kernel is persistent over rows; 0 = from the
     compiled kernel's shared memory / registers). ``min_blocks``: the register budget handed to the compiler
     (``__launch_bounds__``). ``stage``: write as much of each gradient slice as the shared memory left over holds
-    through a staging buffer and an asynchronous bulk store (R1K_STAGE_VEC), so the writes spread over time.
-    ``pieces``: the prefetch slot is refilled in this many pieces, each as soon as the sweep has read it."""
+    through a staging buffer and an asynchronous bulk store (R1K_STAGE_VEC), so the writes spread over time."""
 
     cluster: int = 2
     threads: int = 512
     ctas_per_sm: int = 0
     min_blocks: int = 1
     stage: bool = True
-    pieces: int = 4
 
 
 @dataclass
@@ -101,7 +100,7 @@ def _device_limits(index: int) -> tuple[int, int]:
 
 
 @functools.cache
-def _compile(cfg: ClusterConfig, chunk: int, has_ref: bool, device_index: int) -> _Compiled:
+def _compile(cfg: ClusterConfig, chunk: int, has_ref: bool, device_index: int, diag: int = 0) -> _Compiled:
     props = torch.cuda.get_device_properties(device_index)
     smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
     # shared memory per CTA: the slot, then as much staging as fits (1 KB kept for the static arrays)
@@ -114,7 +113,7 @@ def _compile(cfg: ClusterConfig, chunk: int, has_ref: bool, device_index: int) -
         R1K_CHUNK=chunk,
         R1K_HAS_REF=int(has_ref),
         R1K_MIN_BLOCKS=cfg.min_blocks,
-        R1K_PIECES=cfg.pieces,
+        R1K_DIAG=diag,
     )
     src = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE.read_text()
     major, minor = torch.cuda.get_device_capability(device_index)
@@ -199,7 +198,7 @@ def launch(
     """Enqueue the kernel on the current stream; returns launch details (grid, registers, occupancy)."""
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     chunk = _chunk(vocab, cfg.cluster)
-    comp = _compile(cfg, chunk, has_ref, dev)
+    comp = _compile(cfg, chunk, has_ref, dev, DIAG)
     clusters = max(1, min(n_rows, comp.resident))
     # per-token inputs as the kernel reads them (T elements each: negligible next to the logits)
     tgt = tgt.to(torch.int64).contiguous()

@@ -29,16 +29,15 @@
 // exponentials as bf16, part of the exponentials on the FMA pipe: none faster.
 // Semantics are those of ops.py (see its module docstring); rows with weight 0 are never read.
 
+#ifndef R1K_DIAG  // benchmark-only ablations (results are wrong): 1 no gradient stores, 2 no loads, 4 no exchange
+#define R1K_DIAG 0
+#endif
 #define R1K_NEG_BIG (-1.0e30f)
 #define R1K_LN2 0.6931471805599453f
 #define R1K_NVEC (R1K_CHUNK / 8)                    // 16-byte vectors in a full slice
 #define R1K_KF (R1K_NVEC / R1K_THREADS)             // rounds in which every thread holds a vector
 #define R1K_REM (R1K_NVEC % R1K_THREADS)            // threads holding one more vector
 #define R1K_VEC_PER_THREAD (R1K_KF + (R1K_REM > 0))
-#ifndef R1K_PIECES  // the slot is refilled in this many pieces, each as soon as the sweep has read it
-#define R1K_PIECES 4
-#endif
-#define R1K_KP ((R1K_VEC_PER_THREAD + R1K_PIECES - 1) / R1K_PIECES)  // loop rounds per piece
 #define R1K_WARPS (R1K_THREADS / 32)
 #define R1K_CLUSTER_POW2 (R1K_CLUSTER <= 2 ? 2 : R1K_CLUSTER <= 4 ? 4 : 8)
 #define R1K_PAD2 0xF149F149u  // two bf16 -1e30: pads a short slice, adds exactly 0 to the statistics
@@ -139,13 +138,14 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
                  float* __restrict__ OUT_LOGP, float* __restrict__ OUT_ENT, signed char* __restrict__ OUT_CLIP,
                  float* __restrict__ OUT_KL, int n_rows, long long vocab, long long vocab_start, float scale2,
                  float inv_tau, float eps_low, float eps_high, float beta) {
-    // X and DX may alias (in-place gradient): a CTA reads its whole slice of a row before it writes that slice, and
-    // never touches another CTA's slice, so no __restrict__ on them.
-    extern __shared__ __align__(16) uint4 r1k_slot[];        // next row's slice (R1K_NVEC vectors), then staging
+    // X and DX may alias (in-place gradient): a CTA reads its whole slice before writing it, and never touches
+    // another CTA's slice, so no __restrict__ on them.
+    extern __shared__ __align__(16) uint4 r1k_slot[];  // next row's slice (R1K_NVEC vectors), then the staging
     __shared__ __align__(16) float part[2][R1K_CLUSTER][4];  // per row parity: every CTA's (m, d, sd, target)
     __shared__ float red[R1K_WARPS][3];
-    __shared__ __align__(8) unsigned long long piece_bar[R1K_PIECES];  // piece p of the slot has arrived
-    __shared__ __align__(8) unsigned long long xbar[2];  // per row parity: all C partials have arrived
+    __shared__ float tgt_logit;
+    __shared__ __align__(8) unsigned long long slot_bar;  // completes when the slice has arrived (TMA)
+    __shared__ __align__(8) unsigned long long xbar[2];   // per row parity: completes when all C partials arrived
 
     const unsigned rank = r1k_sreg_cluster_rank();
     const int n_clusters = (int)r1k_sreg_num_clusters();
@@ -154,18 +154,17 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
     const long long rest = vocab - col0;
     const int n_local = rest <= 0 ? 0 : (rest < R1K_CHUNK ? (int)rest : R1K_CHUNK);
     const int nvec = n_local >> 3;  // the host guarantees vocab % 8 == 0
-    const bool full = nvec == R1K_NVEC;
     const unsigned slot_s = r1k_smem_addr(r1k_slot);
     const unsigned stage_s = slot_s + 16u * R1K_NVEC;  // staging buffer: R1K_STAGE_VEC vectors after the slot
-    const unsigned pbar0_s = r1k_smem_addr(&piece_bar[0]);  // piece_bar[p] at pbar0_s + 8p
-    const unsigned xbar0_s = r1k_smem_addr(&xbar[0]);       // xbar[p] at xbar0_s + 8p (no dynamically indexed
-    unsigned slot_phase = 0u, xphase = 0u;                   // arrays: they would live in local memory)
+    const unsigned bar_s = r1k_smem_addr(&slot_bar);
+    unsigned bar_phase = 0;
     // A short (last) slice is padded once to the full length: every loop below then runs unpredicated, and only
     // the gradient stores check the length. The pad is never overwritten (copies cover [0, nvec) only).
     for (int v = nvec + tid; v < R1K_NVEC; v += R1K_THREADS) r1k_slot[v] = make_uint4(R1K_PAD2, R1K_PAD2, R1K_PAD2, R1K_PAD2);
+    const unsigned xbar0_s = r1k_smem_addr(&xbar[0]);  // xbar[p] at xbar0_s + 8p (no dynamically indexed arrays:
+    unsigned xphase = 0u;                                // they would live in local memory); bit p = phase of xbar[p]
     if (tid == 0) {
-        for (int p = 0; p < R1K_PIECES; ++p)
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(pbar0_s + 8u * p) : "memory");
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar_s) : "memory");
         asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(xbar0_s) : "memory");
         asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(xbar0_s + 8u) : "memory");
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -173,34 +172,53 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
     __syncthreads();
     r1k_cluster_sync();  // every sibling's barriers are initialised before anyone sends to them
 
-    auto row_offset = [&](int row, long long sb, long long sl) {
+    auto x_row = [&](int row) {
         const int b = row / l_inner;
-        return b * sb + (row - b * l_inner) * sl + col0;
+        return X + b * stride_xb + (row - b * l_inner) * stride_xl + col0;
     };
-    // The slot is refilled in R1K_PIECES pieces of R1K_KP loop rounds each: piece p = vectors [p KP T, (p+1) KP T).
-    auto prefetch_piece = [&](int row, int p) {  // thread 0 only
-        const int v0 = p * R1K_KP * R1K_THREADS;
-        const int v1 = min(nvec, (p + 1) * R1K_KP * R1K_THREADS);
-        const unsigned bytes = v1 > v0 ? 16u * (v1 - v0) : 0u;
-        const char* src = reinterpret_cast<const char*>(X + row_offset(row, stride_xb, stride_xl)) + 16ll * v0;
-        const unsigned bar = pbar0_s + 8u * p;
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // our reads of the slot came first
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-        for (unsigned off = 0; off < bytes; off += 16384u) {
-            const unsigned n = bytes - off < 16384u ? bytes - off : 16384u;
-            asm volatile(
-                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                    slot_s + 16u * v0 + off),
-                "l"(src + off), "r"(n), "r"(bar)
-                : "memory");
+    auto dx_of = [&](int row) {
+        const int b = row / l_inner;
+        return DX + b * stride_db + (row - b * l_inner) * stride_dl + col0;
+    };
+    auto prefetch = [&](int row) {  // called by all threads
+        const char* src = reinterpret_cast<const char*>(x_row(row));
+        if (tid == 0) {
+            const unsigned bytes = (R1K_DIAG & 2) ? 0u : 16u * nvec;
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // our reads of the slot came first
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar_s), "r"(bytes) : "memory");
+            for (unsigned off = 0; off < bytes; off += 16384u) {
+                const unsigned n = bytes - off < 16384u ? bytes - off : 16384u;
+                asm volatile(
+                    "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                        slot_s + off),
+                    "l"(src + off), "r"(n), "r"(bar_s)
+                    : "memory");
+            }
         }
     };
-    // The next row of this cluster with a non-zero weight, at or after `row`; masked rows on the way get exact-zero
-    // gradient slices and zero stats, and are never read.
-    auto advance = [&](int row) {
-        for (; row < n_rows && W[row] == 0.0f; row += n_clusters) {
-            unsigned short* dz = DX + row_offset(row, stride_db, stride_dl);
-            for (int v = tid; v < nvec; v += R1K_THREADS) reinterpret_cast<uint4*>(dz)[v] = make_uint4(0, 0, 0, 0);
+    // One warp polls an mbarrier while the others sleep in __syncthreads (polling warps would take issue slots from
+    // the working ones); then every thread's own (immediately successful) wait acquires the data for itself.
+    auto wait_all = [&](unsigned bar, unsigned phase) {
+        if (warp == 0) r1k_bar_wait(bar, phase);
+        __syncthreads();
+        r1k_bar_wait(bar, phase);
+    };
+    auto wait_slot = [&]() {  // all threads: the slice of the current row is in the slot and visible
+        wait_all(bar_s, bar_phase);
+        bar_phase ^= 1u;
+    };
+
+    int row = (int)r1k_sreg_cluster_id();
+    float w = row < n_rows ? W[row] : 0.0f;
+    if (row < n_rows && w != 0.0f) prefetch(row);
+    int parity = 0;
+
+    for (; row < n_rows; row += n_clusters) {
+        const int next = row + n_clusters;
+        const float w_next = next < n_rows ? W[next] : 0.0f;
+        if (w == 0.0f) {  // masked row: never read; exact-zero gradient slice and zero stats
+            unsigned short* dx_row = dx_of(row);
+            for (int v = tid; v < nvec; v += R1K_THREADS) reinterpret_cast<uint4*>(dx_row)[v] = make_uint4(0, 0, 0, 0);
             if (rank == 0 && tid == 0) {
                 LOSS[row] = 0.0f;
                 OUT_LOGP[row] = 0.0f;
@@ -208,101 +226,91 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
                 OUT_KL[row] = 0.0f;
                 OUT_CLIP[row] = 0;
             }
+            if (next < n_rows && w_next != 0.0f) prefetch(next);
+            w = w_next;
+            continue;
         }
-        return row;
-    };
-    auto target_local = [&](int row) { return TGT[row] - vocab_start - col0; };  // owned if in [0, n_local)
 
-    // Statistics of a row in the registers, relative to the thread's running (m): folded into (m, d, sd) per
-    // vector (one ex2 per element plus one per vector for the rescale). Reduced over the CTA, then sent.
-    float m = R1K_NEG_BIG, d = 0.0f, sd = 0.0f, ut_own = R1K_NEG_BIG;
-    auto fold = [&](const uint4& qv) {
-        const unsigned mx = r1k_max2(r1k_max2(qv.x, qv.y), r1k_max2(qv.z, qv.w));
-        const float m_new = fmaxf(m, fmaxf(r1k_lo(mx), r1k_hi(mx)) * scale2);  // scale2 > 0
-        const float alpha = r1k_ex2(m - m_new);
-        sd = alpha * (sd + d * (m - m_new));
-        d *= alpha;
-        m = m_new;
-        const unsigned e[4] = {qv.x, qv.y, qv.z, qv.w};
+        const long long t_global = TGT[row] - vocab_start - col0;  // loaded first: its latency overlaps the wait
+
+        // 1. slice -> registers, then refill the shared slot with the next row's slice
+        wait_slot();
+        uint4 q[R1K_VEC_PER_THREAD];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const float t0 = fmaf(r1k_lo(e[j]), scale2, -m), t1 = fmaf(r1k_hi(e[j]), scale2, -m);
-            const float p0 = r1k_ex2(t0), p1 = r1k_ex2(t1);
-            d += p0 + p1;
-            sd = fmaf(p0, t0, fmaf(p1, t1, sd));
+        for (int k = 0; k < R1K_VEC_PER_THREAD; ++k) {
+            const uint4 pad = make_uint4(R1K_PAD2, R1K_PAD2, R1K_PAD2, R1K_PAD2);
+            q[k] = (k < R1K_KF || tid < R1K_REM) ? r1k_slot[tid + k * R1K_THREADS] : pad;
         }
-    };
-    int parity = 0;
-    auto send_partial = [&]() {  // CTA reduction of (m, d, sd), then to every CTA of the cluster (ourselves too)
-        float wm = m, wd = d, wsd = sd;
-        r1k_warp_merge(wm, wd, wsd);
+        const bool owns_target = t_global >= 0 && t_global < n_local;
+        const int t_local = owns_target ? (int)t_global : 0;
+        float ut_own = R1K_NEG_BIG;
+        if (owns_target) {
+            ut_own = __uint_as_float(((unsigned)reinterpret_cast<const unsigned short*>(r1k_slot)[t_local]) << 16);
+            ut_own *= scale2;
+        }
+        __syncthreads();  // the slot is free
+        if (next < n_rows && w_next != 0.0f) prefetch(next);
+
+        // 2. per-thread max (on bf16 pairs), then sums relative to it (one ex2 per element), then the CTA's stats
+        unsigned m2 = R1K_PAD2;
+#pragma unroll
+        for (int k = 0; k < R1K_VEC_PER_THREAD; ++k)
+            m2 = r1k_max2(r1k_max2(m2, r1k_max2(q[k].x, q[k].y)), r1k_max2(q[k].z, q[k].w));
+        float m = fmaxf(r1k_lo(m2), r1k_hi(m2)) * scale2;  // scale2 > 0: max commutes with the scaling
+        float d = 0.0f, sd = 0.0f;
+#pragma unroll
+        for (int k = 0; k < R1K_VEC_PER_THREAD; ++k) {
+            unsigned e[4] = {q[k].x, q[k].y, q[k].z, q[k].w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float t0 = fmaf(r1k_lo(e[j]), scale2, -m), t1 = fmaf(r1k_hi(e[j]), scale2, -m);
+                const float p0 = r1k_ex2(t0), p1 = r1k_ex2(t1);
+                d += p0 + p1;
+                sd = fmaf(p0, t0, fmaf(p1, t1, sd));
+            }
+        }
+        r1k_warp_merge(m, d, sd);
         if (lane == 0) {
-            red[warp][0] = wm;
-            red[warp][1] = wd;
-            red[warp][2] = wsd;
+            red[warp][0] = m;
+            red[warp][1] = d;
+            red[warp][2] = sd;
         }
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // staged gradient writes, for the bulk store
         __syncthreads();
         if (warp == 0) {
-            wm = R1K_NEG_BIG, wd = 0.0f, wsd = 0.0f;
+            float wm = R1K_NEG_BIG, wd = 0.0f, wsd = 0.0f;
             if (lane < R1K_WARPS) {
                 wm = red[lane][0];
                 wd = red[lane][1];
                 wsd = red[lane][2];
             }
             r1k_warp_merge(wm, wd, wsd);
-            if (lane == 0) {
+            if (lane == 0 && (R1K_DIAG & 4)) part[parity][rank][0] = wm;
+            if (lane == 0 && !(R1K_DIAG & 4)) {  // arm our barrier for C partials, send ours to every CTA (us too)
                 asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(xbar0_s + 8u * parity),
                              "r"(16u * R1K_CLUSTER)
                              : "memory");
-                const unsigned dst = r1k_smem_addr(&part[parity][rank][0]);
+                const unsigned slot = r1k_smem_addr(&part[parity][rank][0]);
 #pragma unroll
                 for (unsigned r = 0; r < R1K_CLUSTER; ++r)
-                    r1k_send4(r1k_mapa(dst, r), r1k_mapa(xbar0_s + 8u * parity, r), wm, wd, wsd, ut_own);
+                    r1k_send4(r1k_mapa(slot, r), r1k_mapa(xbar0_s + 8u * parity, r), wm, wd, wsd, ut_own);
             }
         }
-        m = R1K_NEG_BIG, d = 0.0f, sd = 0.0f, ut_own = R1K_NEG_BIG;
-    };
 
-    uint4 q[R1K_VEC_PER_THREAD];  // the current row's slice, 16-byte vectors v = tid + k * R1K_THREADS
-    const uint4 pad = make_uint4(R1K_PAD2, R1K_PAD2, R1K_PAD2, R1K_PAD2);
-
-    // prologue: the first row into the registers, the second into the slot
-    int cur = advance((int)r1k_sreg_cluster_id());
-    if (cur < n_rows && tid == 0)
-        for (int p = 0; p < R1K_PIECES; ++p) prefetch_piece(cur, p);
-    int nxt = cur < n_rows ? advance(cur + n_clusters) : n_rows;
-    if (cur < n_rows) {
-        const long long t = target_local(cur);
-#pragma unroll
-        for (int k = 0; k < R1K_VEC_PER_THREAD; ++k) {
-            if (k % R1K_KP == 0) r1k_bar_wait(pbar0_s + 8u * (k / R1K_KP), slot_phase);
-            q[k] = (k < R1K_KF || tid < R1K_REM) ? r1k_slot[tid + k * R1K_THREADS] : pad;
-            fold(q[k]);
-        }
-        slot_phase ^= 1u;
-        if (tid == 0 && t >= 0 && t < n_local)
-            ut_own = __uint_as_float(((unsigned)reinterpret_cast<const unsigned short*>(r1k_slot)[t]) << 16) * scale2;
-        __syncthreads();  // the slot is free
-        if (nxt < n_rows && tid == 0)
-            for (int p = 0; p < R1K_PIECES; ++p) prefetch_piece(nxt, p);
-        send_partial();
-    }
-
-    while (cur < n_rows) {
-        const int nn = nxt < n_rows ? advance(nxt + n_clusters) : n_rows;  // refills the slot behind the sweep
-
-        // 1. the exchange of the current row: every warp merges the C partials (no broadcast)
-        const float old = OLD[cur], adv = ADV[cur], w = W[cur];
+        // 3. wait for the C partials (no cluster-wide barrier); every warp merges them itself (no broadcast).
+        // The per-row scalars are loaded first: their latency overlaps the wait.
+        const float old = OLD[row], adv = ADV[row];
 #if R1K_HAS_REF
-        const float ref_logp = REF[cur];
+        const float ref_logp = REF[row];
 #endif
-        const long long t_cur = target_local(cur);
-        if (tid == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // staging is free again
-        if (warp == 0) r1k_bar_wait(xbar0_s + 8u * parity, (xphase >> parity) & 1u);
-        __syncthreads();  // one warp polled, the others slept; each thread's own wait below returns at once
-        r1k_bar_wait(xbar0_s + 8u * parity, (xphase >> parity) & 1u);
-        xphase ^= 1u << parity;
+        if (R1K_DIAG & 4) {
+            if (tid == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+            __syncthreads();
+        } else {
+            // the previous row's bulk store has read the staging buffer before anyone rewrites it (long done)
+            if (tid == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+            wait_all(xbar0_s + 8u * parity, (xphase >> parity) & 1u);
+            xphase ^= 1u << parity;
+        }
         float cm = R1K_NEG_BIG, cd = 0.0f, csd = 0.0f, ut = R1K_NEG_BIG;
         if (lane < R1K_CLUSTER) {
             const float4 pr = *reinterpret_cast<const float4*>(&part[parity][lane][0]);
@@ -318,7 +326,8 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
         cd = __shfl_sync(0xffffffffu, cd, 0);
         csd = __shfl_sync(0xffffffffu, csd, 0);
         ut = __shfl_sync(0xffffffffu, ut, 0);
-        parity ^= 1;  // part[parity] is rewritten two rows later, after every warp passed this row's barriers
+        // part[parity] is rewritten two rows later, after every warp passed the next row's __syncthreads
+        parity ^= 1;
 
         const float log2d = log2f(cd);
         const float lse2 = cm + log2d;
@@ -338,90 +347,65 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
 #endif
         const float coef = w * g * inv_tau;
         if (rank == 0 && tid == 0) {
-            LOSS[cur] = w * pg;
-            OUT_LOGP[cur] = logp;
-            OUT_ENT[cur] = (log2d - csd / cd) * R1K_LN2;
-            OUT_KL[cur] = kl;
-            OUT_CLIP[cur] = clipped ? 1 : 0;
+            LOSS[row] = w * pg;
+            OUT_LOGP[row] = logp;
+            OUT_ENT[row] = (log2d - csd / cd) * R1K_LN2;
+            OUT_KL[row] = kl;
+            OUT_CLIP[row] = clipped ? 1 : 0;
         }
 
-        // 2. one sweep: the current row's gradient from the registers, and, in the same rounds, the next row's
-        // slice from the slot into the freed registers with its statistics; each piece of the slot is refilled
-        // with the row after next as soon as every thread has read it. So the gradient stores, the loads and both
-        // rows' exponentials are spread over the whole sweep.
-        // Staged vectors [stage_lo, nvec) leave by a bulk (TMA) store after the sweep (drains during the next).
-        unsigned short* dx_row = DX + row_offset(cur, stride_db, stride_dl);
+        // 4. gradient slice from the registers: -coef * p everywhere, then the target element coef * (1 - p).
+        // Vectors [stage_lo, nvec) go to the staging buffer and leave as one bulk (TMA) store that drains while the
+        // next row is processed; the rest are stored by the threads now (a burst: every SM writes at once).
+        const bool full = nvec == R1K_NVEC;
+        unsigned short* dx_row = dx_of(row);
         const int stage_lo = nvec - (nvec < R1K_STAGE_VEC ? nvec : R1K_STAGE_VEC);
-        const bool more = nxt < n_rows;
-        const long long t_nxt = more ? target_local(nxt) : -1;
 #pragma unroll
         for (int k = 0; k < R1K_VEC_PER_THREAD; ++k) {
             const int v = tid + k * R1K_THREADS;
-            unsigned e4[4] = {q[k].x, q[k].y, q[k].z, q[k].w};
+            unsigned e[4] = {q[k].x, q[k].y, q[k].z, q[k].w};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const float g0 = -coef * r1k_ex2(fmaf(r1k_lo(e4[j]), scale2, -lse2));
-                const float g1 = -coef * r1k_ex2(fmaf(r1k_hi(e4[j]), scale2, -lse2));
-                e4[j] = r1k_pack(g0, g1);
+                const float g0 = -coef * r1k_ex2(fmaf(r1k_lo(e[j]), scale2, -lse2));
+                const float g1 = -coef * r1k_ex2(fmaf(r1k_hi(e[j]), scale2, -lse2));
+                e[j] = r1k_pack(g0, g1);
             }
-            const bool valid = (k < R1K_KF && full) || v < nvec;
+            const bool valid = ((k < R1K_KF && full) || v < nvec) && !(R1K_DIAG & 1);
             const unsigned direct = valid && v < stage_lo, staged = valid && v >= stage_lo;  // predicated stores
             asm volatile(
                 "{ .reg .pred p; setp.ne.u32 p, %5, 0; @p st.global.cs.v4.u32 [%0], {%1, %2, %3, %4}; }" ::"l"(
                     dx_row + 8ll * v),
-                "r"(e4[0]), "r"(e4[1]), "r"(e4[2]), "r"(e4[3]), "r"(direct)
+                "r"(e[0]), "r"(e[1]), "r"(e[2]), "r"(e[3]), "r"(direct)
                 : "memory");
             asm volatile("{ .reg .pred p; setp.ne.u32 p, %5, 0; @p st.shared.v4.u32 [%0], {%1, %2, %3, %4}; }" ::"r"(
                              stage_s + 16u * (v - stage_lo)),
-                         "r"(e4[0]), "r"(e4[1]), "r"(e4[2]), "r"(e4[3]), "r"(staged)
+                         "r"(e[0]), "r"(e[1]), "r"(e[2]), "r"(e[3]), "r"(staged)
                          : "memory");
-            if (more) {
-                if (k % R1K_KP == 0) r1k_bar_wait(pbar0_s + 8u * (k / R1K_KP), slot_phase);
-                q[k] = (k < R1K_KF || tid < R1K_REM) ? r1k_slot[v] : pad;
-                fold(q[k]);
-                if (k % R1K_KP == R1K_KP - 1 || k == R1K_VEC_PER_THREAD - 1) {  // piece k / KP fully read
-                    const int p = k / R1K_KP;
-                    if (tid == 0 && t_nxt >= 0 && t_nxt < n_local && (t_nxt >> 3) / (R1K_KP * R1K_THREADS) == p)
-                        ut_own = __uint_as_float(((unsigned)reinterpret_cast<const unsigned short*>(r1k_slot)[t_nxt])
-                                                 << 16) *
-                                 scale2;
-                    if (nn < n_rows) {
-                        __syncthreads();
-                        if (tid == 0) prefetch_piece(nn, p);
-                    }
-                }
-            }
         }
-        if (more) slot_phase ^= 1u;
-        if (t_cur >= 0 && t_cur < n_local && tid == (t_cur >> 3) % R1K_THREADS) {  // the vector's own thread
+        if (owns_target && tid == (t_local >> 3) % R1K_THREADS) {  // the thread that stored that vector: ordered
             const unsigned short gt = (unsigned short)(r1k_pack(coef * (1.0f - r1k_ex2(ut - lse2)), 0.0f) & 0xffffu);
-            if ((t_cur >> 3) < stage_lo)
-                asm volatile("st.global.cs.u16 [%0], %1;" ::"l"(dx_row + t_cur), "h"(gt) : "memory");
+            if ((t_local >> 3) < stage_lo)
+                asm volatile("st.global.cs.u16 [%0], %1;" ::"l"(dx_row + t_local), "h"(gt) : "memory");
             else
-                asm volatile("st.shared.u16 [%0], %1;" ::"r"(stage_s + 2u * (unsigned)(t_cur - 8 * stage_lo)), "h"(gt)
+                asm volatile("st.shared.u16 [%0], %1;" ::"r"(stage_s + 2u * (t_local - 8 * stage_lo)), "h"(gt)
                              : "memory");
         }
-
-        // 3. the next row's partial goes out (its barrier also orders the staged writes before the bulk store)
-        if (more) {
-            send_partial();
-        } else {
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        if (stage_lo < nvec) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // our writes, before the copy engine reads
             __syncthreads();
-        }
-        if (tid == 0 && stage_lo < nvec) {
-            const unsigned bytes = 16u * (nvec - stage_lo);
-            char* dst = reinterpret_cast<char*>(dx_row + 8ll * stage_lo);
-            for (unsigned off = 0; off < bytes; off += 16384u) {
-                const unsigned n = bytes - off < 16384u ? bytes - off : 16384u;
-                asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst + off),
-                             "r"(stage_s + off), "r"(n)
-                             : "memory");
+            if (tid == 0) {
+                const unsigned bytes = 16u * (nvec - stage_lo);
+                char* dst = reinterpret_cast<char*>(dx_row + 8ll * stage_lo);
+                for (unsigned off = 0; off < bytes; off += 16384u) {
+                    const unsigned n = bytes - off < 16384u ? bytes - off : 16384u;
+                    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst + off),
+                                 "r"(stage_s + off), "r"(n)
+                                 : "memory");
+                }
+                asm volatile("cp.async.bulk.commit_group;" ::: "memory");
             }
-            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
         }
-        cur = nxt;
-        nxt = nn;
+        w = w_next;
     }
     if (tid == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // the last bulk stores are done
     r1k_cluster_sync();  // keep this CTA's shared memory alive until every sibling has read its last partials
