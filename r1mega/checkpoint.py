@@ -48,8 +48,11 @@ def _set_adam_steps(policy, steps: list[float | None]) -> None:
             continue
         for st in opt.state.values():
             if "step" in st:
-                st["step"] = torch.as_tensor(step, dtype=st["step"].dtype, device=st["step"].device) \
-                    if torch.is_tensor(st["step"]) else step
+                st["step"] = (
+                    torch.as_tensor(step, dtype=st["step"].dtype, device=st["step"].device)
+                    if torch.is_tensor(st["step"])
+                    else step
+                )
 
 
 def _barrier() -> None:

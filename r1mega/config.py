@@ -238,8 +238,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _positive(f"model.{name}", getattr(m, name))
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError(
-            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
-            f"{m.num_attention_heads}"
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}"
         )
     _choice("model.normalization", m.normalization, ("RMSNorm", "LayerNorm"))
     _choice("model.activation", m.activation, ("swiglu", "gelu"))

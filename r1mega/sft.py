@@ -39,8 +39,9 @@ def cold_start_sft(cfg: Config, policy: Policy, problems: list[Problem], tokeniz
     multiple = cfg.parallel.tp if policy.model.config.sequence_parallel else 1
     losses = []
     for step in range(cfg.sft.steps):
-        batch = demonstration_batch(rng.sample(demos, min(cfg.sft.batch_size, len(demos))), tokenizer,
-                                    cfg.data.template, multiple)
+        batch = demonstration_batch(
+            rng.sample(demos, min(cfg.sft.batch_size, len(demos))), tokenizer, cfg.data.template, multiple
+        )
         m = policy.sft_minibatch(batch, cfg.sft.lr)
         losses.append(m["loss"])
         if log is not None:

@@ -85,7 +85,6 @@ class CharTokenizer(_MegatronTokenizerSurface):
         return "".join(out)
 
 
-
 class HFTokenizer(_MegatronTokenizerSurface):
     """A Hugging Face tokenizer from a local path (nothing is downloaded at run time)."""
 
@@ -105,7 +104,6 @@ class HFTokenizer(_MegatronTokenizerSurface):
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
         return self.tok.decode(ids, skip_special_tokens=True)
-
 
 
 def build_tokenizer(spec: str) -> CharTokenizer | HFTokenizer:

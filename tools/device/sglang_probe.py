@@ -52,10 +52,15 @@ def main() -> None:
 
     def compare(name, ref, got):
         same = sum(a.response_ids == b.response_ids for a, b in zip(ref, got))
-        diffs = [abs(x - y) for a, b in zip(ref, got) for x, y in zip(a.logprobs, b.logprobs)
-                 if x == x and y == y]
-        rows.append((name, f"{same}/{len(ref)}", max(diffs) if diffs else float("nan"),
-                     sum(diffs) / len(diffs) if diffs else float("nan")))
+        diffs = [abs(x - y) for a, b in zip(ref, got) for x, y in zip(a.logprobs, b.logprobs) if x == x and y == y]
+        rows.append(
+            (
+                name,
+                f"{same}/{len(ref)}",
+                max(diffs) if diffs else float("nan"),
+                sum(diffs) / len(diffs) if diffs else float("nan"),
+            )
+        )
         print(name, [tok.decode(r.response_ids) for r in got], flush=True)
 
     a = meg.generate(prompts, greedy)
@@ -83,8 +88,10 @@ def main() -> None:
     sg.resume_memory()
     compare("after a weight change", meg.generate(prompts, greedy), sg.generate(prompts, greedy))
     sg.shutdown()
-    print(f"\nengine start {t_start:.1f} s, first generate (incl. push) {t_first:.2f} s, push {t_push:.2f} s, "
-          f"release freed {freed:.1f} GB")
+    print(
+        f"\nengine start {t_start:.1f} s, first generate (incl. push) {t_first:.2f} s, push {t_push:.2f} s, "
+        f"release freed {freed:.1f} GB"
+    )
     print(f"{'check':<34}{'same greedy':>12}{'max |dlogp|':>13}{'mean |dlogp|':>14}")
     for name, same, d, md in rows:
         print(f"{name:<34}{same:>12}{d:>13.4f}{md:>14.5f}")
