@@ -99,13 +99,14 @@ def _device_limits(index: int) -> tuple[int, int]:
     return props.major, getattr(props, "shared_memory_per_block_optin", 0)
 
 
-@functools.cache
-def _compile(cfg: ClusterConfig, chunk: int, has_ref: bool, device_index: int, diag: int = 0) -> _Compiled:
-    props = torch.cuda.get_device_properties(device_index)
-    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
-    # shared memory per CTA: the slot, then as much staging as fits (1 KB kept for the static arrays)
-    budget = min(_device_limits(device_index)[1], smem_sm // cfg.min_blocks - 1024) - 1024
-    stage_vec = max(0, min(chunk // 8, (budget - chunk * 2) // 16)) if cfg.stage else 0
+def stage_vectors(cfg: ClusterConfig, chunk: int, smem_per_sm: int, smem_per_block: int) -> int:
+    """16-byte vectors of the staging buffer: what fits next to the slot (1 KB kept for the static arrays)."""
+    budget = min(smem_per_block, smem_per_sm // cfg.min_blocks - 1024) - 1024
+    return max(0, min(chunk // 8, (budget - chunk * 2) // 16)) if cfg.stage else 0
+
+
+def kernel_source(cfg: ClusterConfig, chunk: int, has_ref: bool, stage_vec: int, diag: int = 0) -> str:
+    """The CUDA source as NVRTC compiles it: the launch shape as #defines, then grpo_cluster.cu."""
     defines = dict(
         R1K_STAGE_VEC=stage_vec,
         R1K_CLUSTER=cfg.cluster,
@@ -115,7 +116,15 @@ def _compile(cfg: ClusterConfig, chunk: int, has_ref: bool, device_index: int, d
         R1K_MIN_BLOCKS=cfg.min_blocks,
         R1K_DIAG=diag,
     )
-    src = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE.read_text()
+    return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE.read_text()
+
+
+@functools.cache
+def _compile(cfg: ClusterConfig, chunk: int, has_ref: bool, device_index: int, diag: int = 0) -> _Compiled:
+    props = torch.cuda.get_device_properties(device_index)
+    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
+    stage_vec = stage_vectors(cfg, chunk, smem_sm, _device_limits(device_index)[1])
+    src = kernel_source(cfg, chunk, has_ref, stage_vec, diag)
     major, minor = torch.cuda.get_device_capability(device_index)
     with torch.cuda.device(device_index):
         kernel = torch.cuda._compile_kernel(src, _KERNEL, compute_capability=f"{major}{minor}")

@@ -143,7 +143,6 @@ r1k_grpo_cluster(const unsigned short* __restrict__ X, long long stride_xb, long
     extern __shared__ __align__(16) uint4 r1k_slot[];  // next row's slice (R1K_NVEC vectors), then the staging
     __shared__ __align__(16) float part[2][R1K_CLUSTER][4];  // per row parity: every CTA's (m, d, sd, target)
     __shared__ float red[R1K_WARPS][3];
-    __shared__ float tgt_logit;
     __shared__ __align__(8) unsigned long long slot_bar;  // completes when the slice has arrived (TMA)
     __shared__ __align__(8) unsigned long long xbar[2];   // per row parity: completes when all C partials arrived
 
