@@ -67,7 +67,9 @@ def _chunk(vocab: int, cluster: int) -> int:
     return -(-per_cta // 8) * 8
 
 
-def unsupported_reason(x: torch.Tensor, dx: torch.Tensor, strides: tuple[int, ...], vocab: int, cfg: ClusterConfig):
+def unsupported_reason(
+    x: torch.Tensor, dx: torch.Tensor, strides: tuple[int, ...], vocab: int, cfg: ClusterConfig
+) -> str | None:
     """None if the cluster kernel can run on these tensors, else a short reason (the caller falls back to Triton)."""
     if _DISABLED:
         return _DISABLED[0]
