@@ -157,17 +157,8 @@ def _grpo_finish(
 
 
 @triton.jit
-def _grpo_token(
-    row, ut, m, d, sd, w, store_mask, OLD, REF, ADV, LOSS, OUT_LOGP, OUT_ENT, OUT_CLIP, OUT_KL,
-    inv_tau, eps_low, eps_high, beta, HAS_REF: tl.constexpr,
-):  # fmt: skip
-    """Per-token GRPO terms of one row from its softmax stats (base 2: m, d, sd) and target logit ut (base 2);
-    stores them (if store_mask) and returns (lse2, coef) of its gradient; zeros where w == 0."""
-    keep = w != 0.0
-    log2d = tl.log2(d)
-    lse2 = m + log2d
-    logp = (ut - lse2) * LN2
-    ent = (log2d - sd / d) * LN2
+def _grpo_terms(row, logp, OLD, REF, ADV, eps_low, eps_high, beta, HAS_REF: tl.constexpr):
+    """The per-token GRPO objective at log-prob ``logp``: (loss term pg, d pg / d logp, k3 KL, clipped flag)."""
     old = tl.load(OLD + row).to(tl.float32)
     adv = tl.load(ADV + row).to(tl.float32)
     ratio = tl.exp(logp - old)
@@ -182,6 +173,22 @@ def _grpo_token(
         kl = e - diff - 1.0
         pg = pg + beta * kl
         g = g + beta * (1.0 - e)
+    return pg, g, kl, clipped
+
+
+@triton.jit
+def _grpo_token(
+    row, ut, m, d, sd, w, store_mask, OLD, REF, ADV, LOSS, OUT_LOGP, OUT_ENT, OUT_CLIP, OUT_KL,
+    inv_tau, eps_low, eps_high, beta, HAS_REF: tl.constexpr,
+):  # fmt: skip
+    """Per-token GRPO terms of one row from its softmax stats (base 2: m, d, sd) and target logit ut (base 2);
+    stores them (if store_mask) and returns (lse2, coef) of its gradient; zeros where w == 0."""
+    keep = w != 0.0
+    log2d = tl.log2(d)
+    lse2 = m + log2d
+    logp = (ut - lse2) * LN2
+    ent = (log2d - sd / d) * LN2
+    pg, g, kl, clipped = _grpo_terms(row, logp, OLD, REF, ADV, eps_low, eps_high, beta, HAS_REF)
     tl.store(LOSS + row, tl.where(keep, w * pg, 0.0), mask=store_mask)
     tl.store(OUT_LOGP + row, tl.where(keep, logp, 0.0), mask=store_mask)
     tl.store(OUT_ENT + row, tl.where(keep, ent, 0.0), mask=store_mask)
@@ -378,22 +385,8 @@ def _grpo_kernel(
             else:
                 lse2 = tl.load(LSE2_IN + row)
                 logp = tl.load(LOGP_IN + row)
-            old = tl.load(OLD + row).to(tl.float32)
-            adv = tl.load(ADV + row).to(tl.float32)
-            ratio = tl.exp(logp - old)
-            clipped = ((adv > 0.0) & (ratio > 1.0 + eps_high)) | ((adv < 0.0) & (ratio < 1.0 - eps_low))
-            c = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
-            pg = -tl.minimum(ratio * adv, c * adv)
-            g = tl.where(clipped, 0.0, -adv * ratio)
-            if HAS_REF:
-                diff = tl.load(REF + row).to(tl.float32) - logp
-                e = tl.exp(diff)
-                kl = e - diff - 1.0
-                pg = pg + beta * kl
-                g = g + beta * (1.0 - e)
-                tl.store(OUT_KL + row, kl)
-            else:
-                tl.store(OUT_KL + row, 0.0)
+            pg, g, kl, clipped = _grpo_terms(row, logp, OLD, REF, ADV, eps_low, eps_high, beta, HAS_REF)
+            tl.store(OUT_KL + row, kl)
             tl.store(LOSS + row, w * pg)
             tl.store(OUT_LOGP + row, logp)
             tl.store(OUT_CLIP + row, clipped.to(tl.int8))
