@@ -37,17 +37,13 @@ VARIANTS: dict[str, cuda_grpo.ClusterConfig | None] = {
 
 def run(x, ids, old, ref, adv, w, cfg, inplace: bool = False, beta: float = B.BETA):
     """grpo_loss with the cluster kernel configured as cfg (None: our Triton kernel); (loss, stats, grad)."""
-    saved = ops.GRPO_CLUSTER
-    ops.GRPO_CLUSTER = cfg
-    try:
+    with ops.grpo_cluster_config(cfg):
         lo, st = rk.grpo_loss(x, ids, old, ref, adv, w, B.EPS_LOW, B.EPS_HIGH, beta, B.TAU, inplace=inplace)
         g = B.grads_of(lo, x)
-        path = dict(ops.LAST_GRPO_PATH)
-        if (cfg is not None) != (path.get("path") == "cuda-cluster"):
-            raise RuntimeError(f"unexpected kernel path {path}")
-        return lo, st, g
-    finally:
-        ops.GRPO_CLUSTER = saved
+    path = dict(ops.LAST_GRPO_PATH)
+    if (cfg is not None) != (path.get("path") == "cuda-cluster"):
+        raise RuntimeError(f"unexpected kernel path {path}")
+    return lo, st, g
 
 
 def reference64(x, ids, old, ref, adv, w, beta: float = B.BETA):
@@ -132,17 +128,13 @@ def correctness() -> bool:
         xin.requires_grad_(not inplace)
         try:
             if inplace:
-                saved = ops.GRPO_CLUSTER
-                ops.GRPO_CLUSTER = c
-                try:
+                with ops.grpo_cluster_config(c):
                     with torch.no_grad():
                         leaf = xin.clone().requires_grad_()
                     h = leaf * 1  # a non-leaf whose storage the kernel may overwrite
                     lo, st = rk.grpo_loss(h, ids, old, ref, adv, w, B.EPS_LOW, B.EPS_HIGH, beta, B.TAU, inplace=True)
                     g = B.grads_of(lo, leaf)
                     assert ops.LAST_GRPO_PATH.get("path") == "cuda-cluster", ops.LAST_GRPO_PATH
-                finally:
-                    ops.GRPO_CLUSTER = saved
                 got = (lo, st, g)
             else:
                 got = run(xin, ids, old, ref if beta else None, adv, w, c, beta=beta)

@@ -204,14 +204,10 @@ def check_correctness(T: int, V: int, L: int) -> None:
     )
     assert rel < 1e-2 and abs((lo - le).item()) <= 1e-4 * abs(le.item()) + 1e-6, "grpo_loss disagrees with eager"
     print(f"  grpo_loss kernel: {ops.LAST_GRPO_PATH}")
-    saved_cluster = ops.GRPO_CLUSTER
-    ops.GRPO_CLUSTER = None
-    try:
+    with ops.grpo_cluster_config(None):
         xs = x.detach().requires_grad_()
         ls, sts = rk.grpo_loss(xs, ids, old, ref, adv, w, EPS_LOW, EPS_HIGH, BETA, TAU)
         gs = grads_of(ls, xs).float()
-    finally:
-        ops.GRPO_CLUSTER = saved_cluster
     print(
         f"  triton two-sweep vs default kernel: loss rel {abs((ls - lo).item() / lo.item()):.1e}, grad rel-L2 "
         f"{float((gs - go).norm() / go.norm()):.2e}, max|dgrad| {(gs - go).abs().max():.2e} "
@@ -401,15 +397,10 @@ def _logprob_and_grpo(T: int, V: int, L: int, with_compile: bool, ablation: bool
 
     record(sec, T, V, "ours grpo_loss", lambda: ours(False), 2 * nbytes)
     record(sec, T, V, "ours grpo_loss inplace", lambda: ours(True), 2 * nbytes, note="(logits overwritten)")
-    saved_cluster = ops.GRPO_CLUSTER
-    ops.GRPO_CLUSTER = None  # the Triton two-sweep kernel: the path off Hopper / for fp32 logits
-    try:
+    with ops.grpo_cluster_config(None):  # the Triton two-sweep kernel: the path off Hopper / for fp32 logits
         record(sec, T, V, "ours triton two-sweep (cluster off)", lambda: ours(False), 2 * nbytes)
-    finally:
-        ops.GRPO_CLUSTER = saved_cluster
     if ablation:  # the other single-rank Triton implementation, for the record
-        saved, saved_cluster = rk.CONFIGS["grpo_fused"], ops.GRPO_CLUSTER
-        ops.GRPO_CLUSTER = None
+        saved = rk.CONFIGS["grpo_fused"]
         if saved.two_kernel:
             rk.CONFIGS["grpo_fused"] = KernelConfig(8192, 8, 3, 2, True, sub=16)
             name = "ours fused 1-kernel (b8192 w8 s3 p2 sub16)"
@@ -417,9 +408,10 @@ def _logprob_and_grpo(T: int, V: int, L: int, with_compile: bool, ablation: bool
             rk.CONFIGS["grpo_fused"] = KernelConfig(0, 0, 0, two_kernel=True)
             name = "ours 2-kernel (stats + grad, 3 passes)"
         try:
-            record(sec, T, V, name, lambda: ours(False), 2 * nbytes)
+            with ops.grpo_cluster_config(None):
+                record(sec, T, V, name, lambda: ours(False), 2 * nbytes)
         finally:
-            rk.CONFIGS["grpo_fused"], ops.GRPO_CLUSTER = saved, saved_cluster
+            rk.CONFIGS["grpo_fused"] = saved
 
 
 def _fused_linear(T: int, V: int, fused_variants: bool) -> None:

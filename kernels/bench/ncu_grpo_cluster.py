@@ -2,7 +2,7 @@
 
     ncu --clock-control none -k regex:r1k_grpo --launch-skip 2 --launch-count 1 --section SpeedOfLight \\
         --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \\
-        python3 kernels/bench/ncu_grpo_cluster.py [--cluster 2 --threads 1024 --reuse-p]
+        python3 kernels/bench/ncu_grpo_cluster.py [--cluster 2 --threads 512 | --triton]
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ from r1mega_kernels import cuda_grpo, ops  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--cluster", type=int, default=2)
-ap.add_argument("--threads", type=int, default=1024)
-ap.add_argument("--reuse-p", action="store_true")
+ap.add_argument("--threads", type=int, default=512)
 ap.add_argument("--triton", action="store_true", help="profile our Triton kernel instead")
 ap.add_argument("--calls", type=int, default=4)
 a = ap.parse_args()
-ops.GRPO_CLUSTER = None if a.triton else cuda_grpo.ClusterConfig(a.cluster, a.threads, reuse_p=a.reuse_p)
+ops.GRPO_CLUSTER = None if a.triton else cuda_grpo.ClusterConfig(a.cluster, a.threads)
 base, ids, old, ref, _, adv, _, w = B.make_inputs(32768, 151936, 2048)
 x = base[:, :-1].detach().requires_grad_()
 for _ in range(a.calls):

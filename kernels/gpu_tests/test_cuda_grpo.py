@@ -53,9 +53,7 @@ def _case(T: int, V: int, L: int, beta: float, masked: float, inplace: bool, cfg
     zf = full.to(dev)[:, :-1]
     args = [t.to(dev) for t in (y, old, ref, adv, w)]
     args[2] = args[2] if beta else None
-    saved = ops.GRPO_CLUSTER
-    ops.GRPO_CLUSTER = cfg
-    try:
+    with ops.grpo_cluster_config(cfg):
         if inplace:
             leaf = zf.detach().clone().requires_grad_()
             x = leaf * 1  # a non-leaf: the kernel may overwrite its storage
@@ -64,8 +62,6 @@ def _case(T: int, V: int, L: int, beta: float, masked: float, inplace: bool, cfg
         loss, stats = grpo_loss(x, *args, EPS_LOW, EPS_HIGH, beta, 0.9, inplace=inplace)
         path = dict(ops.LAST_GRPO_PATH)
         (loss * grad_factor).backward()
-    finally:
-        ops.GRPO_CLUSTER = saved
     assert path["path"] == "cuda-cluster", path
     assert cuda_grpo._chunk(V, cfg.cluster) * cfg.cluster >= V
     g = leaf.grad.cpu()
@@ -129,15 +125,11 @@ def test_cluster_and_triton_agree_on_the_gpu() -> None:
     old, ref, adv, w = (t.to(dev) for t in make_grpo_inputs(full[:, :-1].cpu(), y.cpu(), 1.0))
     out = {}
     for name, cfg in (("cluster", _cfg()), ("triton", None)):
-        saved = ops.GRPO_CLUSTER
-        ops.GRPO_CLUSTER = cfg
-        try:
+        with ops.grpo_cluster_config(cfg):
             x = full[:, :-1].detach().requires_grad_()
             loss, stats = grpo_loss(x, y, old, ref, adv, w, EPS_LOW, EPS_HIGH, 0.04, 1.0)
             loss.backward()
             out[name] = (loss, stats, x.grad, ops.LAST_GRPO_PATH["path"])
-        finally:
-            ops.GRPO_CLUSTER = saved
     assert out["cluster"][3] == "cuda-cluster" and out["triton"][3] == "triton-fused"
     assert abs(float(out["cluster"][0] - out["triton"][0])) <= 1e-5 * float(w.abs().sum())
     assert rel_err(out["cluster"][2], out["triton"][2]) < 5e-3

@@ -9,9 +9,11 @@ Semantics (per token t, s = z / tau over the full vocab, vocab possibly split ov
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -76,6 +78,17 @@ INTERP_CONFIGS: dict[str, KernelConfig] = {
 # grpo_loss call used, and why not the cluster kernel.
 GRPO_CLUSTER: cuda_grpo.ClusterConfig | None = cuda_grpo.ClusterConfig()
 LAST_GRPO_PATH: dict[str, object] = {}
+
+
+@contextlib.contextmanager
+def grpo_cluster_config(cfg: cuda_grpo.ClusterConfig | None) -> Iterator[None]:
+    """Run the enclosed grpo_loss calls with the cluster kernel launched as ``cfg`` (None: the Triton kernels)."""
+    global GRPO_CLUSTER
+    saved, GRPO_CLUSTER = GRPO_CLUSTER, cfg
+    try:
+        yield
+    finally:
+        GRPO_CLUSTER = saved
 
 
 def _config(name: str) -> KernelConfig:
