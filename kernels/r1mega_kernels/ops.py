@@ -111,7 +111,7 @@ def _num_programs(cfg: KernelConfig, n_rows: int, device: torch.device) -> int:
         return max(1, min(n_rows, 3))  # several rows per program, to exercise the persistent loop
     if cfg.progs_per_sm <= 0:  # one program per row: the hardware overlaps many rows per SM
         return max(1, n_rows)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device)
     return max(1, min(n_rows, sms * cfg.progs_per_sm))
 
 
