@@ -315,6 +315,10 @@ def evaluate(model, engine, prompts, greedy_prompts, args, dump_dir, tag: str) -
     n_layers = model.config.num_hidden_layers
     eng_lp = prompt_logprobs(engine, prompts)
     dumps = read_dumps(dump_dir, prompts) if dump_dir is not None else [None] * len(prompts)
+    if dump_dir is not None and dumps[0] is None:  # say what the dumper wrote, to adapt the reader
+        files = sorted(dump_dir.rglob("*.pt"))
+        keys = list(torch.load(files[0], map_location="cpu", weights_only=False))[:12] if files else []
+        print(f"[{tag}] no dump matched prompt 0: {len(files)} files, first keys {keys}")
     gaps, first = [], None
     for k, ids in enumerate(prompts):
         acts, ref_lp = capture_hf(model, ids)
