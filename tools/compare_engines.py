@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +60,9 @@ def tiny_hf_config(family: str, vocab: int = 512):
                                    num_experts_per_tok=2, n_group=1, topk_group=1, routed_scaling_factor=2.5,
                                    first_k_dense_replace=1, norm_topk_prob=True, q_lora_rank=128,
                                    kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
-                                   rope_theta=1e4)  # fmt: skip
+                                   rope_theta=1e4, rope_interleave=True,
+                                   # keys DeepSeek's own config.json has and SGLang reads (transformers drops them)
+                                   moe_layer_freq=1, scoring_func="sigmoid", topk_method="noaux_tc")  # fmt: skip
     raise ValueError(f"--family {family!r} is not one of {FAMILIES}")
 
 
@@ -251,8 +254,13 @@ def push(engine, named: list[tuple[str, torch.Tensor]], bucket_bytes: int = 512 
     engine.flush_cache()
 
 
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
 def prompt_logprobs(engine, prompts: list[list[int]]) -> list[list[float]]:
     """Teacher-forced log p(t_k | t_<k) of every prompt token, one prefill pass per prompt."""
+    log(f"prompt log-probs of {len(prompts)} prompts")
     out = []
     for ids in prompts:
         r = engine.generate(input_ids=ids, sampling_params={"temperature": 0.0, "max_new_tokens": 1},
@@ -331,12 +339,14 @@ def evaluate(model, engine, prompts, greedy_prompts, args, dump_dir, tag: str) -
             layer = int(first.name.split(".")[1]) if first else None
             if layer is not None:
                 print_rows(f"[{tag}] modules of layer {layer}", module_rows(acts, sgl, f"layers.{layer}."))
+    log("transformers greedy")
     eos = getattr(model.config, "eos_token_id", None) if args.hf_dir else None
     eos = eos[0] if isinstance(eos, list) else eos
     ref = hf_greedy(model, greedy_prompts, args.new_tokens, eos)
     sp = {"temperature": 0.0, "max_new_tokens": args.new_tokens, "ignore_eos": eos is None}
     if eos is not None:
         sp["stop_token_ids"] = [eos]
+    log("engine greedy")
     got = [r["output_ids"] for r in engine.generate(input_ids=greedy_prompts, sampling_params=sp)]
     res = {
         "first_parting": first.name if first else None,
@@ -370,6 +380,7 @@ def _main(args) -> int:
     prompts = make_prompts(args.prompts, vocab, 0, args.hf_dir)
     greedy_prompts = make_prompts(args.greedy_prompts, vocab, 1, args.hf_dir)
     dump_dir = tmp / "dump"
+    log(f"start SGLang on {hf_dir} ({args.load})")
     try:
         engine = start_sglang(hf_dir, args.load, dump_dir, json.loads(args.engine_kwargs))
     except TypeError:  # an SGLang without the tensor dumper: log-prob gap and greedy only
@@ -378,6 +389,7 @@ def _main(args) -> int:
     try:
         if args.load == "push":
             push(engine, hf_tensors(model))
+            log("pushed")
         summary["same_weights"] = evaluate(model, engine, prompts, greedy_prompts, args, dump_dir, "same weights")
         perturb(model)
         push(engine, hf_tensors(model))
