@@ -375,7 +375,19 @@ def _main(args) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="r1mega_cmp_"))
     hf_dir = args.hf_dir or make_tiny_hf(args.family, tmp / args.family)
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.bfloat16).cuda().eval()
+    ref_dtype = torch.float32 if args.ref_fp32 else torch.bfloat16  # fp32: the bf16 weights upcast exactly
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=ref_dtype).cuda().eval()
+    if args.ref_fp32:  # the floor: transformers' own bf16 forward against the same fp32 reference
+        bf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.bfloat16).cuda().eval()
+        floor = []
+        for ids in make_prompts(args.prompts, model.config.vocab_size, 0, args.hf_dir):
+            floor += logprob_gap(
+                capture_hf(model, ids)[1],
+                ids,
+                capture_hf(bf, ids)[1][torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist(),
+            )
+        log(f"bf16 floor: transformers bf16 vs fp32 mean |dlogp| {sum(floor) / len(floor):.5f} max {max(floor):.4f}")
+        del bf
     vocab = model.config.vocab_size
     prompts = make_prompts(args.prompts, vocab, 0, args.hf_dir)
     greedy_prompts = make_prompts(args.greedy_prompts, vocab, 1, args.hf_dir)
@@ -419,6 +431,9 @@ def main() -> None:  # pragma: no cover - GPU entry point, exercised on the H200
     )
     ap.add_argument("--engine-kwargs", default="{}", help="JSON of extra sglang.Engine arguments")
     ap.add_argument("--json", type=Path, help="write the summary here")
+    ap.add_argument(
+        "--ref-fp32", action="store_true", help="reference = transformers in fp32 (and print the bf16 floor)"
+    )
     args = ap.parse_args()
     if not (args.family or args.hf_dir):
         ap.error("give --family or --hf-dir")
