@@ -62,8 +62,9 @@ def print_table(results: EvalResults, console=None) -> None:
     from rich.console import Console
 
     console = console or Console()
-    # a log file or pipe gets 80 columns from rich, too narrow for the table: widen it there, not on a terminal
-    console.print(render_table(results), width=None if console.is_terminal else max(console.width, 160))
+    if not console.is_terminal and console.width < 160:
+        console.width = 160  # a log file or pipe gets 80 columns from rich: too narrow for the table
+    console.print(render_table(results))
 
 
 def report(results: EvalResults, json_path: str | Path | None, tracker=None, step: int = 0, console=None) -> None:
