@@ -142,3 +142,13 @@ def test_cli_stops_on_a_malformed_row_before_building_a_model(tmp_path):
     bad.write_text('{"question": "1+1", "answer": 2}\n{"question": "2+2" "answer": 4}\n')
     proc = _run_cli([*OVERRIDES, "model.checkpoint=/nonexistent", f"eval.sets=[{bad}]"], tmp_path)
     assert proc.returncode == 2 and f"{bad}:2: not valid JSON" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_eval_sbatch_parses_and_refuses_to_run_outside_slurm():
+    script = ROOT / "slurm" / "eval.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "submit with sbatch" in r.stderr
+    assert "R1MEGA_MODULE=r1mega.eval.cli" in script.read_text()
+    assert '-m "${R1MEGA_MODULE:-r1mega.train}"' in (ROOT / "slurm" / "train.sbatch").read_text()
