@@ -204,6 +204,46 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``r1mega-eval`` (and evaluation during training): R1's protocol by default (arXiv 2501.12948, sec. 3.1):
+    k answers per problem at temperature 0.6, top-p 0.95; pass@1 = mean correctness over the k answers,
+    cons@k = majority vote, pass@k' by the unbiased (Codex) estimator. See r1mega/eval/."""
+
+    # shipped sets (gsm8k math500 aime24 aime25 amc23), "heldout" (data.*'s held-out problems), or .jsonl paths
+    sets: list[str] = field(default_factory=lambda: ["gsm8k", "math500", "aime24", "aime25", "amc23"])
+    question_key: str = "question"  # fields of a user's .jsonl set (shipped sets know their own)
+    answer_key: str = "answer"
+    limit: int = 0  # evaluate the first N problems of each set; 0 = all
+    k: int = 16  # sampled answers per problem (R1: 64 for AIME; 16 here)
+    pass_at: list[int] = field(default_factory=list)  # k' of the pass@k' columns; empty = 1, 2, 4, ... and k
+    greedy: bool = False  # one greedy answer per problem instead (k and the sampling fields are ignored)
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0  # 0 = off
+    max_new_tokens: Optional[int] = None  # None = rollout.sampling.max_new_tokens (R1: 32768)
+    template: Optional[str] = None  # r1_zero | compact | chat (+ a \boxed{} instruction); None = data.template
+    seed: int = 0
+    chunk_problems: int = 256  # problems per engine call (each with its k samples); the progress bar steps per call
+    output: Optional[str] = None  # the per-problem results JSON; None = <logging.out_dir>/eval.json
+    save_responses: bool = True  # keep every response text in the JSON (large for long answers)
+
+    def __post_init__(self) -> None:
+        if self.template is not None:
+            _choice("eval.template", self.template, ("r1_zero", "compact", "chat"))
+        _positive("eval.k", self.k)
+        _positive("eval.temperature", self.temperature)
+        _positive("eval.chunk_problems", self.chunk_problems)
+        _positive("eval.limit", self.limit, allow_zero=True)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"eval.top_p={self.top_p} must be in (0, 1]")
+        if not self.sets:
+            raise ConfigError("eval.sets is empty; name at least one set, e.g. eval.sets=[gsm8k]")
+        bad = [p for p in self.pass_at if not 1 <= p <= self.k]
+        if bad and not self.greedy:
+            raise ConfigError(f"eval.pass_at={list(self.pass_at)}: {bad} not in [1, eval.k={self.k}]")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -215,6 +255,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 class ConfigError(ValueError):

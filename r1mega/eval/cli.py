@@ -1,0 +1,132 @@
+"""``r1mega-eval``: evaluate a checkpoint the way R1 reports it (Hydra; the training config and overrides).
+
+    r1mega-eval model.checkpoint=runs/x/ckpt/step_000149 eval.sets=[heldout]          # the tiny default
+    r1mega-eval model=... model.tokenizer=<hf dir> model.checkpoint=... eval.sets=[gsm8k,math500] eval.k=16 \\
+        eval.template=chat eval.max_new_tokens=4096 rollout=sglang train.precision=bf16
+    r1mega-eval ... eval.greedy=true eval.limit=50
+
+conf/eval.yaml is the primary config: conf/config.yaml (the training defaults) plus R1's protocol (eval.*).
+Prints the table, writes ``eval.output`` (default ``<logging.out_dir>/eval.json``) with every per-problem result,
+and logs the summary through :class:`r1mega.tracking.Tracker` (wandb + metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from r1mega.train import CONF_DIR, _quiet, build_engine
+
+
+def build_policy_and_engine(cfg, runtime, tokenizer):
+    """The model under evaluation and a rollout engine on it: the ONE place both are built.
+
+    As ``r1mega-train`` builds them today (``Policy(cfg, runtime, vocab)`` + ``load_model`` of ``model.checkpoint``;
+    ``train.build_engine``). No reference model is built (nothing is trained). The policy also allocates its
+    optimizer: megatron's Policy builds both together.
+    """
+    from r1mega.checkpoint import load_model
+    from r1mega.config import ConfigError
+    from r1mega.policy import Policy
+
+    cfg.algo.beta = 0.0  # no reference model
+    policy = Policy(cfg, runtime, tokenizer.vocab_size)
+    hf_path = getattr(cfg.model, "hf_path", None)  # model.hf_path arrives with the HF-loading branch
+    if hf_path:
+        # HF checkpoint loading goes here: load `hf_path`'s weights into policy.model (the HF branch's loader).
+        raise ConfigError("model.hf_path is not supported by this build yet; convert to model.checkpoint")
+    if not cfg.model.checkpoint:
+        raise ConfigError("nothing to evaluate: set model.checkpoint=<megatron checkpoint dir> (or model.hf_path)")
+    load_model(policy.model, cfg.model.checkpoint)
+    return policy, build_engine(cfg, policy, tokenizer)
+
+
+def run(cfg):
+    """Evaluate with the typed ``Config``; returns the :class:`r1mega.eval.results.EvalResults`."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+    from rich.console import Console
+
+    from r1mega.config import ConfigError, validate
+    from r1mega.data.tokenizer import build_tokenizer
+    from r1mega.eval.datasets import load_eval_sets
+    from r1mega.eval.report import report
+    from r1mega.eval.runner import EvalSettings, evaluate
+    from r1mega.eval.templates import encode_prompts
+    from r1mega.parallel.runtime import dist_env_from_environ, init_runtime, shutdown_runtime
+    from r1mega.rewards import RewardScorer
+    from r1mega.tracking import Tracker
+
+    validate(cfg, world_size=dist_env_from_environ().world_size)
+    settings = EvalSettings.from_config(cfg)
+    tokenizer = build_tokenizer(cfg.model.tokenizer)
+    sets = load_eval_sets(cfg.eval, cfg.data)  # a bad file or row stops here, before any model is built
+    longest = 0
+    for name, problems in sets.items():
+        try:
+            prompts = encode_prompts([p.question for p in problems], settings.template, tokenizer)
+        except ValueError as e:
+            raise ConfigError(f"eval.sets: {name}: {e}; use a tokenizer that covers the set (model.tokenizer)") from e
+        longest = max(longest, *map(len, prompts))
+    if longest + settings.max_new_tokens > cfg.model.max_position_embeddings:
+        raise ConfigError(
+            f"the longest prompt ({longest} tokens) + eval.max_new_tokens={settings.max_new_tokens} exceeds "
+            f"model.max_position_embeddings={cfg.model.max_position_embeddings}; lower eval.max_new_tokens"
+        )
+    cfg.data.max_prompt_len = longest  # the engine's context = these two (train.build_engine)
+    cfg.rollout.sampling.max_new_tokens = settings.max_new_tokens
+    runtime = init_runtime(cfg.parallel, cfg.train.seed, cfg.train.device, cfg.train.threads)
+    console = Console(stderr=True, quiet=not runtime.is_main)
+    n = sum(len(p) for p in sets.values())
+    console.print(
+        f"[bold]r1mega-eval[/] {cfg.model.name} from {cfg.model.checkpoint}: {n} problems in "
+        f"{', '.join(f'{k} ({len(v)})' for k, v in sets.items())}, {settings.samples} sample(s) each"
+    )
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    tracker = Tracker(
+        cfg.logging.out_dir,
+        cfg.logging.wandb_mode,
+        cfg.logging.project,
+        cfg.logging.run_name,
+        container,
+        enabled=runtime.is_main,
+    )
+    policy, engine = build_policy_and_engine(cfg, runtime, tokenizer)
+    meta = {"model": cfg.model.name, "checkpoint": cfg.model.checkpoint, "tokenizer": cfg.model.tokenizer}
+    meta["config"] = container
+    try:
+        with RewardScorer(cfg.reward) as scorer:
+            results = evaluate(engine, tokenizer, scorer, sets, settings, meta)
+        if runtime.is_main:
+            out = cfg.eval.output or str(Path(cfg.logging.out_dir) / "eval.json")
+            report(results, out, tracker, step=0, console=console)
+    finally:
+        tracker.finish()
+        engine.shutdown()
+        shutdown_runtime()
+    return results
+
+
+def main() -> None:
+    _quiet()
+    import hydra
+    from omegaconf import OmegaConf
+
+    from r1mega.config import ConfigError, register_configs
+    from r1mega.eval.datasets import DatasetError
+
+    register_configs()
+
+    @hydra.main(version_base=None, config_path=CONF_DIR, config_name="eval")
+    def _hydra_main(dcfg) -> None:
+        try:
+            run(OmegaConf.to_object(dcfg))
+        except (ConfigError, DatasetError) as e:
+            print(f"{'config' if isinstance(e, ConfigError) else 'data'} error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

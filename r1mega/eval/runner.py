@@ -1,0 +1,207 @@
+"""The evaluation loop: every problem's k samples through the rollout engine, scored by the reward workers.
+
+``evaluate(engine, tokenizer, scorer, problems_by_set, settings)`` is the one entry point, for ``r1mega-eval``
+and for evaluation during training (the trainer passes its own engine, tokenizer and scorer). It
+
+1. puts the problems of all sets in one list (each data-parallel rank takes every dp_size-th one) and sends them
+   to the engine in chunks of ``chunk_problems`` problems x k samples: one ``generate`` call per chunk, so SGLang
+   batches thousands of sequences at once; the progress bar steps per chunk (problems/s);
+2. scores every sample with :class:`r1mega.rewards.RewardScorer` (numbers in-process, the rest in its killable
+   math-verify workers);
+3. votes (cons@k): the answer-equivalence checks between distinct answers of a problem also go through the
+   scorer's workers, batched for all problems at once (sympy on model output can hang; the workers time out);
+4. gathers the per-problem results from all data-parallel ranks (every rank returns the full results).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+from r1mega.data.tasks import Problem
+from r1mega.eval.metrics import cons_at_k
+from r1mega.eval.results import EvalResults, ProblemResult, SampleResult, SetResult, summarize
+from r1mega.eval.templates import encode_prompts
+from r1mega.rewards import extract_answer
+from r1mega.rollout.base import Rollout, SamplingParams
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How to evaluate (the resolved ``eval.*`` config; see :class:`r1mega.config.EvalConfig`)."""
+
+    k: int = 16
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 1024
+    greedy: bool = False  # one greedy answer per problem; k / temperature / top_p / top_k are then unused
+    template: str = "r1_zero"
+    pass_at: tuple[int, ...] = ()  # empty = 1, 2, 4, ... and k
+    seed: int = 0
+    chunk_problems: int = 256
+    save_responses: bool = True
+    progress: bool = True
+
+    @property
+    def samples(self) -> int:
+        return 1 if self.greedy else self.k
+
+    def sampling(self, chunk: int) -> SamplingParams:
+        if self.greedy:
+            return SamplingParams(1.0, 1.0, 1, self.max_new_tokens)
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.max_new_tokens, seed=self.seed + chunk)
+
+    @classmethod
+    def from_config(cls, cfg) -> EvalSettings:
+        """From the typed ``Config``: ``eval.*``, with ``data.template`` / ``rollout.sampling.max_new_tokens``
+        where ``eval.template`` / ``eval.max_new_tokens`` are unset, and ``logging.progress``."""
+        e = cfg.eval
+        return cls(
+            k=e.k,
+            temperature=e.temperature,
+            top_p=e.top_p,
+            top_k=e.top_k,
+            max_new_tokens=e.max_new_tokens or cfg.rollout.sampling.max_new_tokens,
+            greedy=e.greedy,
+            template=e.template or cfg.data.template,
+            pass_at=tuple(e.pass_at),
+            seed=e.seed,
+            chunk_problems=e.chunk_problems,
+            save_responses=e.save_responses,
+            progress=cfg.logging.progress,
+        )
+
+
+def _data_parallel() -> tuple[int, int, object]:
+    """(rank, size, group) of data parallelism; (0, 1, None) outside a megatron runtime."""
+    try:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            return (
+                parallel_state.get_data_parallel_rank(),
+                parallel_state.get_data_parallel_world_size(),
+                parallel_state.get_data_parallel_group(),
+            )
+    except ImportError:
+        pass
+    return 0, 1, None
+
+
+def _as_answer(answer: str) -> str:
+    """A bare answer as a response the scorer extracts it from unchanged (extract_answer strips the tags)."""
+    return f"<answer>{answer}</answer>"
+
+
+def equivalence_table(scorer, answer_lists: list[list[str | None]]) -> dict[tuple[str, str], bool]:
+    """``is_equivalent(a, b)`` for every ordered pair of distinct answers within each problem, via the scorer
+    (the fast numeric path in-process, math-verify in its workers; a timed-out pair counts as not equal)."""
+    pairs: dict[tuple[str, str], None] = {}
+    for answers in answer_lists:
+        distinct = list(dict.fromkeys(a for a in answers if a is not None))
+        for a in distinct:
+            for b in distinct:
+                if a != b:
+                    pairs[(a, b)] = None
+    if not pairs:
+        return {}
+    keys = list(pairs)
+    batch = scorer.score([_as_answer(a) for a, _ in keys], [b for _, b in keys])
+    return {key: acc > 0 for key, acc in zip(keys, batch.accuracy)}
+
+
+def evaluate(
+    engine,
+    tokenizer,
+    scorer,
+    problems_by_set: dict[str, list[Problem]],
+    settings: EvalSettings,
+    meta: dict | None = None,
+) -> EvalResults:
+    """Evaluate every set; returns the full per-problem results with each set's summary (on every rank).
+
+    ``engine`` is a :class:`r1mega.rollout.base.RolloutEngine` holding the weights to evaluate; its memory is
+    resumed for the evaluation and released afterwards (as the trainer does around generation).
+    """
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    dp_rank, dp_size, dp_group = _data_parallel()
+    items = [(name, i, p) for name, probs in problems_by_set.items() for i, p in enumerate(probs)]
+    if not items:
+        raise ValueError("nothing to evaluate: every set is empty")
+    mine = items[dp_rank::dp_size]
+    n = settings.samples
+    # every rank makes the same number of engine calls (EP engines generate collectively across DP ranks)
+    per_rank = math.ceil(len(items) / dp_size)
+    num_chunks = math.ceil(per_rank / settings.chunk_problems)
+    prompts = encode_prompts([p.question for _, _, p in mine], settings.template, tokenizer)
+    filler = encode_prompts([items[0][2].question], settings.template, tokenizer)[0]
+    bar = tqdm(total=len(items), unit="problem", desc="eval", disable=not (settings.progress and dp_rank == 0))
+    rollouts: list[Rollout] = []
+    texts: list[str] = []
+    accuracy: list[float] = []
+    fmt: list[float] = []
+    gen_s = 0.0
+    engine.resume_memory()
+    try:
+        for c in range(num_chunks):
+            lo, hi = c * settings.chunk_problems, min((c + 1) * settings.chunk_problems, len(mine))
+            chunk = [p for p in prompts[lo:hi] for _ in range(n)]
+            t = time.perf_counter()
+            out = engine.generate(chunk or [filler], settings.sampling(c))[: len(chunk)]
+            gen_s += time.perf_counter() - t
+            chunk_texts = [tokenizer.decode(r.response_ids) for r in out]
+            golds = [p.answer for _, _, p in mine[lo:hi] for _ in range(n)]
+            rewards = scorer.score(chunk_texts, golds)
+            rollouts += out
+            texts += chunk_texts
+            accuracy += rewards.accuracy
+            fmt += rewards.format
+            done = sum(accuracy) / max(len(accuracy), 1)
+            bar.update(min(max(hi - lo, 0) * dp_size, len(items) - bar.n))  # rank 0's pace stands for all
+            bar.set_postfix(pass1=f"{done:.3f}")
+    finally:
+        engine.release_memory()
+        bar.close()
+
+    answers = [extract_answer(t) for t in texts]
+    by_problem = [answers[j * n : (j + 1) * n] for j in range(len(mine))]
+    table = equivalence_table(scorer, by_problem)
+    same = lambda a, b: table.get((a, b), False)  # noqa: E731
+    results: list[tuple[str, ProblemResult]] = []
+    for j, (name, idx, problem) in enumerate(mine):
+        sl = slice(j * n, (j + 1) * n)
+        samples = [
+            SampleResult(
+                answer=a,
+                correct=acc > 0,
+                format=f > 0,
+                length=len(r.response_ids),
+                finished=bool(r.finished),
+                response=text if settings.save_responses else None,
+            )
+            for a, acc, f, r, text in zip(answers[sl], accuracy[sl], fmt[sl], rollouts[sl], texts[sl])
+        ]
+        ok, win, votes = cons_at_k([s.answer for s in samples], [s.correct for s in samples], same)
+        results.append(
+            (name, ProblemResult(idx, problem.question, problem.answer, samples, votes, win and win.answer, ok))
+        )
+    generated = sum(len(r.response_ids) for r in rollouts)
+    if dp_size > 1:
+        import torch.distributed as dist
+
+        shards: list = [None] * dp_size
+        dist.all_gather_object(shards, (results, generated, gen_s), group=dp_group)
+        results = [r for shard in shards for r in shard[0]]
+        generated = sum(shard[1] for shard in shards)
+        gen_s = max(shard[2] for shard in shards)
+    order = {name: i for i, name in enumerate(problems_by_set)}
+    sets = {name: SetResult(name, []) for name in problems_by_set}
+    for name, pr in sorted(results, key=lambda x: (order[x[0]], x[1].index)):
+        sets[name].problems.append(pr)
+    for s in sets.values():
+        s.metrics = summarize(s.problems, settings.pass_at)
+    return EvalResults(asdict(settings), sets, time.perf_counter() - t0, gen_s, generated, dict(meta or {}))

@@ -1,0 +1,144 @@
+"""Evaluation numbers against independent references: pass@k by enumerating every subset, exact binomials for
+large n; cons@k on hand-made vote tables (ties, equivalent answers written differently, missing answers); the
+results JSON round trip."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from fractions import Fraction
+
+import pytest
+
+from r1mega.eval.metrics import cons_at_k, default_pass_at, pass_at_k, standard_error
+from r1mega.eval.results import (
+    EvalResults,
+    ProblemResult,
+    SampleResult,
+    SetResult,
+    load_results,
+    save_results,
+    summarize,
+    to_dict,
+)
+from r1mega.rewards.math import is_equivalent
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_pass_at_k_equals_enumeration_over_all_subsets(n):
+    for c in range(n + 1):
+        correct = [i < c for i in range(n)]
+        for k in range(1, n + 1):
+            subsets = list(itertools.combinations(range(n), k))
+            brute = sum(any(correct[i] for i in s) for s in subsets) / len(subsets)
+            assert pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12), (n, c, k)
+
+
+def test_pass_at_k_large_n_matches_exact_binomials():
+    for n, c, k in [(64, 1, 1), (64, 3, 16), (64, 10, 32), (200, 7, 100), (64, 0, 64), (64, 63, 2)]:
+        exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+        assert pass_at_k(n, c, k) == pytest.approx(float(exact), rel=1e-12, abs=1e-15)
+    assert pass_at_k(16, 4, 1) == pytest.approx(4 / 16)  # pass@1 is the mean correctness
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+    assert default_pass_at(16) == [1, 2, 4, 8, 16] and default_pass_at(6) == [1, 2, 4, 6] and default_pass_at(1) == [1]
+
+
+def _vote(answers, correct=None):
+    correct = [False] * len(answers) if correct is None else correct
+    return cons_at_k(answers, correct, is_equivalent)
+
+
+def test_cons_equivalent_answers_written_differently_are_one_vote():
+    # 1/2 three ways vs 3 twice: the 1/2 cluster (3 votes) wins though no single string occurs more than twice
+    ok, win, votes = _vote(["3", "\\frac{1}{2}", "0.5", "3", "\\dfrac{1}{2}"], [False, True, True, False, True])
+    assert [(v.answer, v.first, v.count) for v in votes] == [("3", 0, 2), ("\\frac{1}{2}", 1, 3)]
+    assert ok and win.answer == "\\frac{1}{2}"
+    # numbers: thousands commas, trailing zeros
+    _, win, votes = _vote(["1,000", "7", "1000", "1000.0"])
+    assert (win.answer, win.count, len(votes)) == ("1,000", 3, 2)
+    # is_equivalent(pred, gold) refuses \frac{4}{2} against an integer reference; as votes the two are one number
+    assert not is_equivalent("\\frac{4}{2}", "2")
+    _, win, votes = _vote(["2", "\\frac{4}{2}", "5"])
+    assert (win.answer, win.count, len(votes)) == ("2", 2, 2)
+
+
+def test_cons_ties_go_to_the_earliest_first_occurrence():
+    _, win, _ = _vote(["4", "5", "5", "4"])
+    assert (win.answer, win.first) == ("4", 0)
+    _, win, _ = _vote(["5", "4", "4", "5"])
+    assert win.answer == "5"
+    _, win, _ = _vote(["9", "4", "5", "5", "4"])  # 4 and 5 tie at two; 4 occurs first
+    assert (win.answer, win.count) == ("4", 2)
+
+
+def test_cons_missing_answers_never_win():
+    ok, win, votes = _vote([None, None, None, "7"], [False, False, False, True])
+    assert ok and win.answer == "7" and [v.count for v in votes] == [1]
+    ok, win, votes = _vote([None, None], [False, False])
+    assert not ok and win is None and votes == []
+    # the vote's correctness is its first member's
+    ok, win, _ = _vote(["6", None, "6", "8"], [False, False, False, True])
+    assert not ok and win.answer == "6"
+    with pytest.raises(ValueError):
+        cons_at_k(["1"], [True, False])
+
+
+def _problem(index, flags, answers, cons):
+    samples = [
+        SampleResult(answer=a, correct=f, format=a is not None, length=10 + i, finished=i % 3 != 2, response=f"r{i}")
+        for i, (f, a) in enumerate(zip(flags, answers))
+    ]
+    ok, win, votes = cons_at_k(answers, flags, is_equivalent)
+    assert ok == cons
+    return ProblemResult(index, f"q{index}", "1", samples, votes, win and win.answer, ok)
+
+
+def test_summary_numbers_and_json_round_trip(tmp_path):
+    problems = [
+        _problem(0, [True, False, False, True], ["1", "2", "2", "1.0"], True),
+        _problem(1, [False, False, False, False], ["3", None, "4", "3"], False),
+        _problem(2, [True, True, True, False], ["1", "1", "1", None], True),
+    ]
+    m = summarize(problems)
+    per = [2 / 4, 0.0, 3 / 4]
+    assert m["pass@1"] == pytest.approx(sum(per) / 3)
+    assert m["pass@1_se"] == pytest.approx(standard_error(per))
+    assert m["pass@2"] == pytest.approx((pass_at_k(4, 2, 2) + 0 + pass_at_k(4, 3, 2)) / 3)
+    assert m["pass@4"] == pytest.approx(2 / 3) and m["cons@4"] == pytest.approx(2 / 3)
+    assert m["answer_rate"] == pytest.approx(10 / 12) and m["format_rate"] == pytest.approx(10 / 12)
+    assert m["length_mean"] == pytest.approx(11.5) and m["truncated_frac"] == pytest.approx(3 / 12)
+    one = summarize(problems[:1])
+    assert math.isnan(one["pass@1_se"])  # one problem: no spread
+    results = EvalResults(
+        {"k": 4, "greedy": False},
+        {"a": SetResult("a", problems, m), "b": SetResult("b", problems[:1], one)},
+        wall_s=1.5,
+        generation_s=1.0,
+        generated_tokens=42,
+        meta={"model": "x"},
+    )
+    path = save_results(results, tmp_path / "out" / "eval.json")
+    raw = json.loads(path.read_text())  # strict JSON: NaN is written as null
+    assert raw["summary"]["b"]["pass@1_se"] is None and raw["sets"]["a"][0]["num_correct"] == 2
+    assert raw["sets"]["a"][1]["samples"][1] == {
+        "answer": None,
+        "correct": False,
+        "format": False,
+        "length": 11,
+        "finished": True,
+        "response": "r1",
+    }
+    back = load_results(path)
+    assert to_dict(back) == to_dict(results)
+    assert back.sets["a"].problems[0].votes[0].count == 2 and back.gen_tokens_per_s == pytest.approx(42.0)
+    for name, s in back.sets.items():  # the summary is recomputable from the per-problem records alone
+        again = summarize(s.problems)
+        assert to_dict(EvalResults({}, {name: SetResult(name, [], again)})) == to_dict(
+            EvalResults({}, {name: SetResult(name, [], s.metrics)})
+        )
+    flat = back.flat_metrics()
+    assert flat["eval/a/cons@4"] == pytest.approx(2 / 3) and "eval/b/pass@1" in flat
