@@ -107,6 +107,13 @@ class AlgoConfig:
     num_minibatches: int = 1  # optimizer steps per rollout (R1-Zero: 16)
     ref_reset_every: int = 0  # replace the reference by the policy every N steps (R1-Zero: 400); 0 = never
     loss_impl: str = "auto"  # torch | triton | auto (triton on GPU, torch on CPU)
+    loss: str = "grpo"  # the objective: a name in r1mega.registry.LOSSES or "module:Class"
+    advantage: str = "grpo"  # the advantage estimator: a name in r1mega.registry.ADVANTAGES or "module:fn"
+    temperature: Optional[float] = None  # the log-prob temperature of the loss; None = rollout.sampling.temperature
+
+    def training_temperature(self, sampling: SamplingConfig) -> float:
+        """The temperature the loss's log-probs use: the sampling one unless ``algo.temperature`` is set."""
+        return sampling.temperature if self.temperature is None else self.temperature
 
 
 @dataclass

@@ -51,8 +51,8 @@ def run(cfg) -> dict[str, float]:
     from r1mega.config import validate
     from r1mega.data.tasks import load_problems
     from r1mega.data.tokenizer import build_tokenizer
+    from r1mega.engine import MegatronEngine
     from r1mega.parallel.runtime import dist_env_from_environ, init_runtime, shutdown_runtime
-    from r1mega.policy import Policy
     from r1mega.rewards import RewardScorer
     from r1mega.sft import cold_start_sft
     from r1mega.tracking import Tracker
@@ -64,7 +64,7 @@ def run(cfg) -> dict[str, float]:
     console = Console(stderr=True, quiet=not runtime.is_main)
     tokenizer = build_tokenizer(cfg.model.tokenizer)
     train_set, eval_set = load_problems(cfg.data)
-    policy = Policy(cfg, runtime, tokenizer.vocab_size)
+    policy = MegatronEngine(cfg, runtime, tokenizer.vocab_size)
     n_params = sum(p.numel() for p in policy.model.parameters())
     console.print(
         f"[bold]r1mega[/] {cfg.model.name}: {n_params / 1e6:.2f} M params on this rank, "

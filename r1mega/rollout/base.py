@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
+
+from r1mega.config import ModelConfig
+from r1mega.model.hf_export import iter_hf_buckets
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,32 @@ class Rollout:
 
 
 class WeightSource(Protocol):
-    """Where an engine pulls new weights from after an optimizer step."""
+    """The trainer's weights as a stream of (Hugging Face name, tensor) pairs: what an engine loads.
 
-    def named_tensors(self, fmt: str) -> Iterator[tuple[str, torch.Tensor]]: ...
+    Engines never see the model. The stream comes in buckets of about ``bucket_bytes``; tensors that must
+    be loaded in one call (a layer's MLA ``q_a_proj`` + ``kv_a_proj_with_mqa``) share a bucket. Drawing it is
+    collective over the TP / EP groups (whole tensors are gathered): every rank must drain it.
+    """
+
+    vocab_size: int  # the real vocab (the policy's padded rows are not exported)
+
+    def hf_buckets(
+        self, bucket_bytes: int, dtype: Optional[torch.dtype] = None
+    ) -> Iterator[list[tuple[str, torch.Tensor]]]: ...
+
+
+@dataclass
+class HFWeights:
+    """The WeightSource of a megatron GPTModel, through :mod:`r1mega.model.hf_export`."""
+
+    model: Any  # the unwrapped GPTModel (the in-process megatron engine generates with it directly)
+    model_cfg: ModelConfig
+    vocab_size: int
+
+    def hf_buckets(
+        self, bucket_bytes: int, dtype: Optional[torch.dtype] = None
+    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        return iter_hf_buckets(self.model, self.model_cfg, self.vocab_size, bucket_bytes, dtype)
 
 
 class RolloutEngine(Protocol):

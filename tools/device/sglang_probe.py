@@ -33,7 +33,7 @@ def main() -> None:
 
     from r1mega.data.tokenizer import CharTokenizer
     from r1mega.parallel.runtime import init_runtime
-    from r1mega.policy import Policy
+    from r1mega.engine import MegatronEngine as Policy
     from r1mega.rollout.base import SamplingParams
     from r1mega.rollout.megatron_engine import MegatronRolloutEngine
     from r1mega.rollout.sglang_engine import SGLangRolloutEngine
