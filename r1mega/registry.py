@@ -19,6 +19,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from r1mega.config_checks import ConfigError
+
 
 class Registry:
     """``name -> "module:attr"``, imported lazily; unknown names that look like import paths are imported."""
@@ -44,7 +46,7 @@ class Registry:
             return target
         module, sep, attr = target.partition(":")
         if not sep:
-            raise KeyError(
+            raise ConfigError(
                 f"{self.config_key}={value!r} is not a registered {self.kind} ({', '.join(self.names())}) "
                 "nor an import path 'module:attr'"
             )
@@ -53,7 +55,7 @@ class Registry:
             for part in attr.split("."):
                 obj = getattr(obj, part)
         except (ImportError, AttributeError) as e:
-            raise ImportError(f"{self.config_key}={value!r}: cannot import {target!r}: {e}") from e
+            raise ConfigError(f"{self.config_key}={value!r}: cannot import {target!r}: {e}") from e
         return obj
 
 

@@ -13,10 +13,22 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from r1mega.rollout.base import Rollout, SamplingParams, WeightSource
+from r1mega.config import Config, MegatronRolloutConfig
+from r1mega.model.builder import padded_vocab_size
+from r1mega.rollout.base import HFWeights, Rollout, SamplingParams, WeightSource
 
 
 class MegatronRolloutEngine:
+    settings_type = MegatronRolloutConfig
+
+    @classmethod
+    def from_config(cls, cfg: Config, weights: HFWeights, tokenizer) -> MegatronRolloutEngine:
+        """The engine on the trainer's GPTModel (``weights.model``): shared, so weight updates are free."""
+        r = cfg.rollout
+        max_seq = r.max_seq_len or cfg.data.max_prompt_len + r.sampling.max_new_tokens
+        vocab = padded_vocab_size(weights.vocab_size, cfg.model, cfg.parallel.tp)
+        return cls(weights.model, tokenizer, vocab, r.max_batch_size, max_seq)
+
     def __init__(self, model, tokenizer, padded_vocab_size: int, max_batch_size: int, max_seq_len: int) -> None:
         self.model = model  # the unwrapped GPTModel shared with the trainer
         self.tokenizer = tokenizer
@@ -134,7 +146,7 @@ class MegatronRolloutEngine:
         return _broadcast_from_model_parallel_src(out)
 
     def update_weights(self, source: WeightSource) -> None:
-        """Nothing to copy: the engine reads the trainer's parameters directly."""
+        """Nothing to copy: the engine reads the trainer's parameters directly (``source`` is not drawn)."""
 
     def release_memory(self) -> None:
         self._engine = None  # drops the KV cache held by the static context
