@@ -67,6 +67,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from r1mega.config import Config, SGLangRolloutConfig
 from r1mega.model.hf_export import hf_config_from_model_config
@@ -159,8 +160,6 @@ class SGLangRolloutEngine:
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self._tp_group, self._tp_size, self._owner_rank, self._dp_rank = None, 1, 0, 0
         if dist.is_available() and dist.is_initialized():
-            from megatron.core import parallel_state
-
             self._tp_group = parallel_state.get_tensor_model_parallel_group()
             self._tp_size = dist.get_world_size(self._tp_group)
             self._owner_rank = dist.get_global_rank(self._tp_group, 0)
