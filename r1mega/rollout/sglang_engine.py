@@ -81,7 +81,7 @@ def _import_sglang():
     try:
         import sglang
     except ImportError as e:  # never part of the CPU install: the `sglang` extra, on the GPU machine
-        raise ImportError("rollout.backend=sglang needs SGLang (pip install 'r1mega[sglang]', GPU only)") from e
+        raise ImportError("rollout=sglang needs SGLang (pip install 'r1mega[sglang]', GPU only)") from e
     return sglang
 
 
@@ -150,7 +150,7 @@ class SGLangRolloutEngine:
         par = cfg.parallel
         if par.pp != 1 or par.cp != 1:
             raise ValueError(
-                f"rollout.backend=sglang needs parallel.pp=1 and parallel.cp=1 (got pp={par.pp}, cp={par.cp}): "
+                f"rollout=sglang needs parallel.pp=1 and parallel.cp=1 (got pp={par.pp}, cp={par.cp}): "
                 "each engine needs every layer of the model"
             )
         self.settings: SGLangRolloutConfig = cfg.rollout  # rollout=sglang (checked by build_rollout_engine)
@@ -187,7 +187,7 @@ class SGLangRolloutEngine:
         host0, gpu0 = where[0]
         if any(h != host0 or g != gpu0 + i for i, (h, g) in enumerate(where)):
             raise ValueError(
-                f"rollout.backend=sglang: the TP group must own consecutive GPUs of one node, got {where}; "
+                f"rollout=sglang: the TP group must own consecutive GPUs of one node, got {where}; "
                 "SGLang's tp_size workers are placed on GPUs base..base+tp-1"
             )
         return gpu0
