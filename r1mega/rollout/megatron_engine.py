@@ -134,6 +134,7 @@ class MegatronRolloutEngine:
             finished = len(ids) < params.max_new_tokens
             if finished:
                 ids, lps = ids + [eos], lps + [float("nan")]
+            # routed_experts stays None: megatron-core 0.16.1's inference path records no router choices
             out.append(Rollout(list(prompt), ids, lps, finished=finished))
         return _broadcast_from_model_parallel_src(out)
 
