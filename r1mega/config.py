@@ -1,16 +1,32 @@
 """Typed configuration: one dataclass per concern, registered with Hydra's ConfigStore.
 
-The YAML files under ``conf/`` only set values; the schema lives here, so a misspelled key or a
-wrong type on the command line stops Hydra at once (OmegaConf struct mode), and the cross-field
-rules that types cannot express are checked by :func:`validate` before anything is built.
+The YAML files under ``conf/`` only set values; the schema lives here, so a misspelled key or a wrong type
+on the command line stops Hydra at once (OmegaConf struct mode; ``+`` keys, which bypass it, are refused by
+:func:`config_from_hydra`). Each dataclass checks its own fields in ``__post_init__``, next to them (choices
+are the ``Literal`` types above each class), as megatron's TransformerConfig does; :func:`validate` keeps only
+the rules across sections and against the world size (both in :mod:`r1mega.config_checks`). Errors are
+:class:`ConfigError`, naming the field and the fix.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Literal, Optional
 
-from omegaconf import MISSING  # noqa: F401  (re-exported for conf authors)
+from r1mega.config_checks import _check, _in_range, _plugin
+from r1mega.eval.config import EvalConfig
+
+# isort: split
+from r1mega.config_checks import ConfigError, config_from_hydra, register_configs, validate  # noqa: F401 (re-exported)
+
+Normalization = Literal["RMSNorm", "LayerNorm"]
+Activation = Literal["swiglu", "gelu"]
+PositionEmbedding = Literal["rope", "none"]
+RopeType = Literal["rope", "yarn"]
+RouterScore = Literal["sigmoid", "softmax"]
+LoadBalancing = Literal["none", "aux_loss", "seq_aux_loss"]
+Dispatcher = Literal["alltoall", "allgather"]
+RouterDtype = Literal[None, "fp32", "fp64"]
 
 
 @dataclass
@@ -76,6 +92,38 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return bool(self.num_experts)
 
+    def __post_init__(self) -> None:
+        _check(
+            self,
+            "model",
+            positive="num_layers hidden_size num_attention_heads num_query_groups kv_channels ffn_hidden_size "
+            "make_vocab_size_divisible_by max_position_embeddings rotary_base norm_epsilon moe_ffn_hidden_size "
+            "moe_router_topk moe_router_topk_scaling_factor moe_router_num_groups moe_router_group_topk q_lora_rank "
+            "kv_lora_rank qk_head_dim v_head_dim rotary_scaling_factor original_max_position_embeddings",
+            nonneg="vocab_size init_method_std num_experts moe_shared_expert_intermediate_size moe_aux_loss_coeff "
+            "moe_router_bias_update_rate first_k_dense_layers qk_pos_emb_head_dim beta_fast beta_slow mscale "
+            "mscale_all_dim",
+            choices={
+                "normalization": Normalization, "activation": Activation, "rope_type": RopeType,
+                "position_embedding_type": PositionEmbedding, "moe_router_score_function": RouterScore,
+                "moe_load_balancing_type": LoadBalancing, "moe_token_dispatcher_type": Dispatcher,
+                "moe_router_dtype": RouterDtype,
+            },
+        )  # fmt: skip
+        _in_range(self, "model", "rotary_percent", "(0, 1]")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.is_moe and self.moe_router_topk > self.num_experts:
+            raise ConfigError(f"model.moe_router_topk={self.moe_router_topk} must be in [1, model.num_experts]")
+        if self.is_moe and self.first_k_dense_layers >= self.num_layers:
+            raise ConfigError("model.first_k_dense_layers must be < model.num_layers (else use a dense model)")
+
+
+Backend = Literal[None, "nccl", "gloo"]
+
 
 @dataclass
 class ParallelConfig:
@@ -90,6 +138,19 @@ class ParallelConfig:
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     backend: Optional[str] = None  # None = nccl on GPU, gloo on CPU
+
+    def __post_init__(self) -> None:
+        _check(self, "parallel", positive="tp pp ep cp etp", choices={"backend": Backend})
+        if self.cp > 1:
+            raise ConfigError(
+                "parallel.cp > 1: context parallelism is not wired into the GRPO trainer yet (batches are not split "
+                "across CP ranks); set parallel.cp=1 and use parallel.tp with sequence parallelism for long responses"
+            )
+
+
+LossAgg = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
+RatioLevel = Literal["token", "sequence"]
+LossImpl = Literal["auto", "torch", "triton"]
 
 
 @dataclass
@@ -107,6 +168,28 @@ class AlgoConfig:
     num_minibatches: int = 1  # optimizer steps per rollout (R1-Zero: 16)
     ref_reset_every: int = 0  # replace the reference by the policy every N steps (R1-Zero: 400); 0 = never
     loss_impl: str = "auto"  # torch | triton | auto (triton on GPU, torch on CPU)
+    loss: str = "grpo"  # the objective: a name in r1mega.registry.LOSSES or "module:Class"
+    advantage: str = "grpo"  # the advantage estimator: a name in r1mega.registry.ADVANTAGES or "module:fn"
+    temperature: Optional[float] = None  # the log-prob temperature of the loss; None = rollout.sampling.temperature
+
+    def training_temperature(self, sampling: SamplingConfig) -> float:
+        """The temperature the loss's log-probs use: the sampling one unless ``algo.temperature`` is set."""
+        return sampling.temperature if self.temperature is None else self.temperature
+
+    def __post_init__(self) -> None:
+        _check(
+            self,
+            "algo",
+            positive="num_minibatches temperature",
+            nonneg="beta eps_low eps_high ref_reset_every",
+            choices={"loss_agg": LossAgg, "ratio_level": RatioLevel, "loss_impl": LossImpl},
+        )
+        if self.group_size < 2:
+            raise ConfigError(f"algo.group_size={self.group_size} must be >= 2: GRPO's baseline is the group mean")
+        if self.eps_low >= 1:
+            raise ConfigError(f"algo.eps_low={self.eps_low} must be < 1 (the lower clip bound is 1 - eps_low)")
+        _plugin("algo", "loss", self.loss, "LOSSES")
+        _plugin("algo", "advantage", self.advantage, "ADVANTAGES")
 
 
 @dataclass
@@ -116,14 +199,58 @@ class SamplingConfig:
     top_k: int = 0
     max_new_tokens: int = 64
 
+    def __post_init__(self) -> None:
+        _check(self, "rollout.sampling", positive="temperature max_new_tokens", nonneg="top_k")
+        _in_range(self, "rollout.sampling", "top_p", "(0, 1]")
+
 
 @dataclass
 class RolloutConfig:
-    backend: str = "megatron"  # megatron (in-process static engine) | sglang
+    """What every rollout engine takes. Each engine's own settings are a subclass in its config group:
+    ``rollout=megatron`` (the default, conf/rollout/megatron.yaml) or ``rollout=sglang``."""
+
+    backend: str = "megatron"  # a name in r1mega.registry.ROLLOUT_ENGINES or "module:Class"
     prompts_per_step: int = 32
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_batch_size: int = 512  # sequences the engine decodes at once
-    sglang_mem_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(self, "rollout", positive="prompts_per_step max_batch_size")
+        _plugin("rollout", "backend", self.backend, "ROLLOUT_ENGINES")
+
+
+@dataclass
+class MegatronRolloutConfig(RolloutConfig):
+    """megatron-core's static inference engine, in-process on the trainer's own weights."""
+
+    backend: str = "megatron"
+    max_seq_len: Optional[int] = None  # KV-cache length; None = data.max_prompt_len + sampling.max_new_tokens
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, "rollout", positive="max_seq_len")
+
+
+SGLangSampling = Literal["pytorch", "flashinfer"]
+
+
+@dataclass
+class SGLangRolloutConfig(RolloutConfig):
+    """SGLang colocated on the trainer's GPUs (r1mega/rollout/sglang_engine.py; GPU only, experimental)."""
+
+    backend: str = "sglang"
+    mem_fraction: float = 0.5  # SGLang's mem_fraction_static: GPU memory for its weights + KV cache
+    attention_backend: str = "triton"  # passed to SGLang (which checks it); FA3 is not in the carried wheel
+    sampling_backend: str = "pytorch"
+    disable_cuda_graph: bool = True  # first light; to be tuned
+    deterministic: bool = False  # enable_deterministic_inference: honours the per-request sampling seeds
+    bucket_mb: int = 512  # weight push: MiB per update_weights_from_tensor call
+    base_port: int = 30000  # engine ports: base_port + 100 * first GPU of the TP group
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, "rollout", positive="bucket_mb base_port", choices={"sampling_backend": SGLangSampling})
+        _in_range(self, "rollout", "mem_fraction", "(0, 1)")
 
 
 @dataclass
@@ -134,6 +261,9 @@ class RewardConfig:
     batch_timeout_s: Optional[float] = None  # cap on one step's verification (many pathological answers)
     num_workers: int = 2  # verifier processes per rank, started on the first non-integer answer
     think_in_prompt: bool = False  # the template ends with "<think>": the response starts inside it
+
+    def __post_init__(self) -> None:
+        _check(self, "reward", positive="timeout_s batch_timeout_s num_workers", nonneg="accuracy_weight format_weight")
 
 
 @dataclass
@@ -147,6 +277,11 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
 
+    def __post_init__(self) -> None:
+        _check(self, "optim", positive="lr adam_eps", nonneg="min_lr warmup_steps weight_decay clip_grad")
+        _in_range(self, "optim", "adam_beta1", "[0, 1)")
+        _in_range(self, "optim", "adam_beta2", "[0, 1)")
+
 
 @dataclass
 class SFTConfig:
@@ -156,6 +291,13 @@ class SFTConfig:
     lr: float = 1e-3
     batch_size: int = 64
     num_examples: int = 2000
+
+    def __post_init__(self) -> None:
+        _check(self, "sft", positive="lr batch_size num_examples", nonneg="steps")
+
+
+Task = Literal["arithmetic", "jsonl"]
+Template = Literal["r1_zero", "compact", "chat"]
 
 
 @dataclass
@@ -175,6 +317,26 @@ class DataConfig:
     num_eval: int = 200
     seed: int = 1
 
+    def __post_init__(self) -> None:
+        _check(
+            self,
+            "data",
+            positive="max_prompt_len num_train",
+            nonneg="num_eval",
+            choices={"task": Task, "template": Template},
+        )
+        if self.task == "jsonl" and not self.path:
+            raise ConfigError("data.task=jsonl needs data.path=<file.jsonl>")
+        if self.task == "arithmetic" and (not self.arith_ops or set(self.arith_ops) - set("+-*")):
+            raise ConfigError(f"data.arith_ops={self.arith_ops!r} must be a non-empty string of + - *")
+        if self.arith_max < self.arith_min:
+            raise ConfigError(f"data.arith_max={self.arith_max} must be >= data.arith_min={self.arith_min}")
+
+
+Precision = Literal["fp32", "bf16"]
+FP8 = Literal[None, "blockwise", "tensorwise", "delayed"]
+Device = Literal["auto", "cpu", "cuda"]
+
 
 @dataclass
 class TrainConfig:
@@ -192,6 +354,18 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads per rank; 0 = leave as is
     max_minutes: float = 0.0  # stop RL after this wall time (0 = no limit)
 
+    def __post_init__(self) -> None:
+        _check(
+            self,
+            "train",
+            positive="micro_batch_size eval_samples",
+            nonneg="steps eval_every save_every threads max_minutes",
+            choices={"precision": Precision, "fp8": FP8, "device": Device},
+        )
+
+
+WandbMode = Literal["offline", "online", "disabled"]
+
 
 @dataclass
 class LoggingConfig:
@@ -202,45 +376,8 @@ class LoggingConfig:
     plot: bool = True
     progress: bool = True
 
-
-@dataclass
-class EvalConfig:
-    """``r1mega-eval`` (and evaluation during training): R1's protocol by default (arXiv 2501.12948, sec. 3.1):
-    k answers per problem at temperature 0.6, top-p 0.95; pass@1 = mean correctness over the k answers,
-    cons@k = majority vote, pass@k' by the unbiased (Codex) estimator. See r1mega/eval/."""
-
-    # shipped sets (gsm8k math500 aime24 aime25 amc23), "heldout" (data.*'s held-out problems), or .jsonl paths
-    sets: list[str] = field(default_factory=lambda: ["gsm8k", "math500", "aime24", "aime25", "amc23"])
-    question_key: str = "question"  # fields of a user's .jsonl set (shipped sets know their own)
-    answer_key: str = "answer"
-    limit: int = 0  # evaluate the first N problems of each set; 0 = all
-    k: int = 16  # sampled answers per problem (R1: 64 for AIME; 16 here)
-    pass_at: list[int] = field(default_factory=list)  # k' of the pass@k' columns; empty = 1, 2, 4, ... and k
-    greedy: bool = False  # one greedy answer per problem instead (k and the sampling fields are ignored)
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0  # 0 = off
-    max_new_tokens: Optional[int] = None  # None = rollout.sampling.max_new_tokens (R1: 32768)
-    template: Optional[str] = None  # r1_zero | compact | chat (+ a \boxed{} instruction); None = data.template
-    seed: int = 0
-    chunk_problems: int = 256  # problems per engine call (each with its k samples); the progress bar steps per call
-    output: Optional[str] = None  # the per-problem results JSON; None = <logging.out_dir>/eval.json
-    save_responses: bool = True  # keep every response text in the JSON (large for long answers)
-
     def __post_init__(self) -> None:
-        if self.template is not None:
-            _choice("eval.template", self.template, ("r1_zero", "compact", "chat"))
-        _positive("eval.k", self.k)
-        _positive("eval.temperature", self.temperature)
-        _positive("eval.chunk_problems", self.chunk_problems)
-        _positive("eval.limit", self.limit, allow_zero=True)
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"eval.top_p={self.top_p} must be in (0, 1]")
-        if not self.sets:
-            raise ConfigError("eval.sets is empty; name at least one set, e.g. eval.sets=[gsm8k]")
-        bad = [p for p in self.pass_at if not 1 <= p <= self.k]
-        if bad and not self.greedy:
-            raise ConfigError(f"eval.pass_at={list(self.pass_at)}: {bad} not in [1, eval.k={self.k}]")
+        _check(self, "logging", choices={"wandb_mode": WandbMode})
 
 
 @dataclass
@@ -248,7 +385,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rollout: RolloutConfig = field(default_factory=MegatronRolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -256,108 +393,3 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field and the fix."""
-
-
-def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not one of {list(allowed)}; set {name} to one of them")
-
-
-def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
-
-
-def validate(cfg: Config, world_size: int = 1) -> None:
-    """Cross-field checks Hydra's types cannot express. Raises ConfigError naming the field."""
-    m, p, a, r = cfg.model, cfg.parallel, cfg.algo, cfg.rollout
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
-        _positive(f"model.{name}", getattr(m, name))
-    if m.hidden_size % m.num_attention_heads:
-        raise ConfigError(
-            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}"
-        )
-    _choice("model.normalization", m.normalization, ("RMSNorm", "LayerNorm"))
-    _choice("model.activation", m.activation, ("swiglu", "gelu"))
-    _choice("model.position_embedding_type", m.position_embedding_type, ("rope", "none"))
-    if m.is_moe:
-        _choice("model.moe_router_score_function", m.moe_router_score_function, ("sigmoid", "softmax"))
-        _choice("model.moe_load_balancing_type", m.moe_load_balancing_type, ("none", "aux_loss", "seq_aux_loss"))
-        _choice("model.moe_token_dispatcher_type", m.moe_token_dispatcher_type, ("alltoall", "allgather"))
-        if not 0 < m.moe_router_topk <= m.num_experts:
-            raise ConfigError(f"model.moe_router_topk={m.moe_router_topk} must be in [1, model.num_experts]")
-        if m.num_experts % p.ep:
-            raise ConfigError(f"model.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}")
-        if m.first_k_dense_layers >= m.num_layers:
-            raise ConfigError("model.first_k_dense_layers must be < model.num_layers (else use a dense model)")
-    elif p.ep > 1:
-        raise ConfigError("parallel.ep > 1 needs an MoE model (model.num_experts > 0); set parallel.ep=1")
-    for name in ("tp", "pp", "ep", "cp"):
-        _positive(f"parallel.{name}", getattr(p, name))
-    if m.num_attention_heads % p.tp:
-        raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} not divisible by parallel.tp={p.tp}")
-    if m.num_layers % p.pp:
-        raise ConfigError(f"model.num_layers={m.num_layers} not divisible by parallel.pp={p.pp}")
-    if p.cp > 1:
-        raise ConfigError(
-            "parallel.cp > 1: context parallelism is not wired into the GRPO trainer yet (batches are not split "
-            "across CP ranks); set parallel.cp=1 and use parallel.tp with sequence parallelism for long responses"
-        )
-    model_parallel = p.tp * p.pp * p.cp
-    if world_size % model_parallel:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by parallel.tp*pp*cp={model_parallel}; "
-            "change the parallel sizes or the number of processes"
-        )
-    etp = p.etp or 1
-    if (world_size // p.pp) % (p.ep * etp):
-        raise ConfigError(
-            f"parallel.ep*etp={p.ep * etp} must divide world_size/pp={world_size // p.pp}; change parallel.ep"
-        )
-    _choice("algo.loss_agg", a.loss_agg, ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"))
-    _choice("algo.ratio_level", a.ratio_level, ("token", "sequence"))
-    _choice("algo.loss_impl", a.loss_impl, ("auto", "torch", "triton"))
-    if a.group_size < 2:
-        raise ConfigError(f"algo.group_size={a.group_size} must be >= 2: GRPO's baseline is the group mean")
-    _positive("algo.beta", a.beta, allow_zero=True)
-    _positive("algo.eps_low", a.eps_low, allow_zero=True)
-    _positive("algo.eps_high", a.eps_high, allow_zero=True)
-    if a.eps_low >= 1:
-        raise ConfigError(f"algo.eps_low={a.eps_low} must be < 1 (the lower clip bound is 1 - eps_low)")
-    _positive("algo.num_minibatches", a.num_minibatches)
-    if r.prompts_per_step % a.num_minibatches:
-        raise ConfigError(
-            f"rollout.prompts_per_step={r.prompts_per_step} is not divisible by algo.num_minibatches="
-            f"{a.num_minibatches}"
-        )
-    _choice("rollout.backend", r.backend, ("megatron", "sglang"))
-    _positive("rollout.sampling.temperature", r.sampling.temperature)
-    if not 0 < r.sampling.top_p <= 1:
-        raise ConfigError(f"rollout.sampling.top_p={r.sampling.top_p} must be in (0, 1]")
-    _positive("rollout.sampling.max_new_tokens", r.sampling.max_new_tokens)
-    _positive("reward.timeout_s", cfg.reward.timeout_s)
-    _positive("reward.num_workers", cfg.reward.num_workers)
-    _positive("optim.lr", cfg.optim.lr)
-    _choice("train.precision", cfg.train.precision, ("fp32", "bf16"))
-    _choice("train.fp8", cfg.train.fp8, (None, "blockwise", "tensorwise", "delayed"))
-    _choice("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
-    _choice("data.task", cfg.data.task, ("arithmetic", "jsonl"))
-    _choice("data.template", cfg.data.template, ("r1_zero", "compact", "chat"))
-    if cfg.data.task == "jsonl" and not cfg.data.path:
-        raise ConfigError("data.task=jsonl needs data.path=<file.jsonl>")
-    _choice("logging.wandb_mode", cfg.logging.wandb_mode, ("offline", "online", "disabled"))
-
-
-def register_configs() -> None:
-    """Register the schema so conf/*.yaml are typed: conf/config.yaml extends `base_config`."""
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    cs.store(group="model", name="base_model", node=ModelConfig)
-    cs.store(group="parallel", name="base_parallel", node=ParallelConfig)
-    cs.store(group="algo", name="base_algo", node=AlgoConfig)

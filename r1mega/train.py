@@ -12,9 +12,12 @@ import os
 import sys
 import time
 import warnings
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-CONF_DIR = os.environ.get("R1MEGA_CONF", str(Path(__file__).resolve().parents[1] / "conf"))
+CONF_DIR = os.environ.get("R1MEGA_CONF", str(Path(__file__).resolve().parent / "conf"))  # shipped in the wheel
 
 
 def _quiet() -> None:
@@ -30,122 +33,147 @@ def _quiet() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def build_engine(cfg, policy, tokenizer):
-    from r1mega.rollout.megatron_engine import MegatronRolloutEngine
-
-    if cfg.rollout.backend == "megatron":
-        max_seq = cfg.data.max_prompt_len + cfg.rollout.sampling.max_new_tokens
-        return MegatronRolloutEngine(policy.model, tokenizer, policy.padded_vocab, cfg.rollout.max_batch_size, max_seq)
-    from r1mega.rollout.sglang_engine import SGLangRolloutEngine  # GPU only; imported lazily
-
-    return SGLangRolloutEngine(cfg, policy, tokenizer)
-
-
 def run(cfg) -> dict[str, float]:
-    """Train with the typed ``Config``; returns the final summary (held-out accuracy before / after)."""
-    from megatron.core import parallel_state
-    from rich.console import Console
-    from tqdm import tqdm
+    """Train with the typed ``Config``: build -> (resume) -> SFT -> eval -> RL loop -> eval; teardown always.
 
-    from r1mega.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint
+    Returns the summary (held-out accuracy before / after RL).
+    """
     from r1mega.config import validate
-    from r1mega.data.tasks import load_problems
-    from r1mega.data.tokenizer import build_tokenizer
     from r1mega.parallel.runtime import dist_env_from_environ, init_runtime, shutdown_runtime
-    from r1mega.policy import Policy
-    from r1mega.rewards import RewardScorer
-    from r1mega.sft import cold_start_sft
-    from r1mega.tracking import Tracker
-    from r1mega.trainer import GRPOTrainer, PromptSampler
+    from r1mega.registry import ADVANTAGES, LOSSES
+    from r1mega.rollout import rollout_engine_class
 
     t_start = time.perf_counter()
     validate(cfg, world_size=dist_env_from_environ().world_size)
-    runtime = init_runtime(cfg.parallel, cfg.train.seed, cfg.train.device, cfg.train.threads)
+    LOSSES.get(cfg.algo.loss), ADVANTAGES.get(cfg.algo.advantage), rollout_engine_class(cfg)  # plug-ins import
+    with ExitStack() as teardown:  # unwinds in reverse on any exit: engine, scorer, tracker, runtime
+        runtime = init_runtime(cfg.parallel, cfg.train.seed, cfg.train.device, cfg.train.threads)
+        teardown.callback(shutdown_runtime)
+        r = _build(cfg, runtime, teardown)
+        start_step = _resume_or_init(cfg, r)
+        before = _before_rl(cfg, r, start_step)
+        _rl_loop(cfg, r, start_step)
+        after = r.trainer.evaluate(r.eval_set, cfg.train.eval_samples)
+        r.tracker.log(after, step=cfg.train.steps)
+        r.console.print(f"held-out after RL:  {_fmt(after)}")
+        summary = {
+            **{f"before/{k}": v for k, v in before.items()},
+            **{f"after/{k}": v for k, v in after.items()},
+            "wall_s": time.perf_counter() - t_start,
+        }
+        r.tracker.summary(summary)
+        if cfg.logging.plot and (path := r.tracker.plot_rewards(before, after)) is not None:
+            r.console.print(f"reward curve: {path}")
+        r.console.print(f"done in {summary['wall_s']:.0f} s; metrics in {cfg.logging.out_dir}/metrics.jsonl")
+    return summary
+
+
+@dataclass
+class _Run:
+    """What one run builds (and ``run``'s ExitStack tears down)."""
+
+    console: Any
+    policy: Any
+    trainer: Any
+    tracker: Any
+    train_set: list
+    eval_set: list
+    tokenizer: Any
+
+
+def _build(cfg, runtime, teardown: ExitStack) -> _Run:
+    from megatron.core import parallel_state
+    from omegaconf import OmegaConf
+    from rich.console import Console
+
+    from r1mega.data.tasks import load_problems
+    from r1mega.data.tokenizer import build_tokenizer
+    from r1mega.engine import MegatronEngine
+    from r1mega.rewards import RewardScorer
+    from r1mega.rollout import build_rollout_engine
+    from r1mega.tracking import Tracker
+    from r1mega.trainer import GRPOTrainer, PromptSampler
+
     console = Console(stderr=True, quiet=not runtime.is_main)
     tokenizer = build_tokenizer(cfg.model.tokenizer)
     train_set, eval_set = load_problems(cfg.data)
-    policy = Policy(cfg, runtime, tokenizer.vocab_size)
+    policy = MegatronEngine(cfg, runtime, tokenizer.vocab_size)
     n_params = sum(p.numel() for p in policy.model.parameters())
     console.print(
         f"[bold]r1mega[/] {cfg.model.name}: {n_params / 1e6:.2f} M params on this rank, "
         f"world {runtime.env.world_size} (tp {cfg.parallel.tp} pp {cfg.parallel.pp} ep {cfg.parallel.ep}), "
         f"device {runtime.device}, {len(train_set)} train / {len(eval_set)} held-out problems"
     )
-    from omegaconf import OmegaConf
-
-    tracker = Tracker(
-        cfg.logging.out_dir,
-        cfg.logging.wandb_mode,
-        cfg.logging.project,
-        cfg.logging.run_name,
-        OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
-        enabled=runtime.is_main,
-    )
-    engine = build_engine(cfg, policy, tokenizer)
+    lg = cfg.logging
+    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    tracker = Tracker(lg.out_dir, lg.wandb_mode, lg.project, lg.run_name, config_dict, enabled=runtime.is_main)
+    teardown.callback(tracker.finish)
+    engine = build_rollout_engine(cfg, policy.weights, tokenizer)
+    teardown.callback(engine.shutdown)
+    scorer = teardown.enter_context(RewardScorer(cfg.reward))
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     sampler = PromptSampler(train_set, cfg.rollout.prompts_per_step, dp_rank, dp_size, cfg.data.seed)
-    start_step = 0
+    trainer = GRPOTrainer(cfg, policy, engine, scorer, tokenizer, sampler)
+    return _Run(console, policy, trainer, tracker, train_set, eval_set, tokenizer)
+
+
+def _resume_or_init(cfg, r: _Run) -> int:
+    """The first RL step: from the latest checkpoint under train.save_dir, else 0 (from model.checkpoint)."""
+    from r1mega.checkpoint import latest_checkpoint, load_checkpoint, load_model
+
     resume_from = latest_checkpoint(cfg.train.save_dir) if cfg.train.resume else None
     if resume_from is not None:
-        start_step = load_checkpoint(resume_from, policy)
-        console.print(f"resumed from {resume_from} at step {start_step}")
-    elif cfg.model.checkpoint:
-        load_model(policy.model, cfg.model.checkpoint)
-        policy.reset_reference()
-    with RewardScorer(cfg.reward) as scorer:
-        trainer = GRPOTrainer(cfg, policy, engine, scorer, tokenizer, sampler)
-        if cfg.sft.steps > 0 and resume_from is None:
-            t0 = time.perf_counter()
-            losses = cold_start_sft(cfg, policy, train_set, tokenizer)
-            console.print(
-                f"cold-start SFT: {cfg.sft.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
-                f"({time.perf_counter() - t0:.1f} s)"
-            )
-            policy.reset_reference()  # the RL reference is the SFT model, as in R1
-        before = trainer.evaluate(eval_set, cfg.train.eval_samples)
-        tracker.log(before, step=0)
-        console.print(f"held-out before RL: {_fmt(before)}")
-        bar = tqdm(
-            range(start_step, cfg.train.steps),
-            desc="GRPO",
-            disable=not (runtime.is_main and cfg.logging.progress),
-            dynamic_ncols=True,
+        start_step = load_checkpoint(resume_from, r.policy)
+        r.console.print(f"resumed from {resume_from} at step {start_step}")
+        return start_step
+    if cfg.model.checkpoint:
+        load_model(r.policy.model, cfg.model.checkpoint)
+        r.policy.reset_reference()
+    return 0
+
+
+def _before_rl(cfg, r: _Run, start_step: int) -> dict[str, float]:
+    """Cold-start SFT (fresh runs only), then the held-out evaluation before RL."""
+    from r1mega.sft import cold_start_sft
+
+    if cfg.sft.steps > 0 and start_step == 0:
+        t0 = time.perf_counter()
+        losses = cold_start_sft(cfg, r.policy, r.train_set, r.tokenizer)
+        r.console.print(
+            f"cold-start SFT: {cfg.sft.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+            f"({time.perf_counter() - t0:.1f} s)"
         )
-        rl_start = time.perf_counter()
-        for step in bar:
-            metrics = trainer.step(step)
-            tracker.log(metrics, step=step + 1)
-            bar.set_postfix(
-                acc=f"{metrics['reward/accuracy']:.2f}",
-                fmt=f"{metrics['reward/format']:.2f}",
-                kl=f"{metrics['train/kl']:.4f}",
-                len=f"{metrics['response/length_mean']:.0f}",
-            )
-            if cfg.train.save_dir and cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-                save_checkpoint(cfg.train.save_dir, step, policy)
-            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
-                tracker.log(trainer.evaluate(eval_set, cfg.train.eval_samples), step=step + 1)
-            if cfg.train.max_minutes and (time.perf_counter() - rl_start) / 60 > cfg.train.max_minutes:
-                console.print(f"stopping after {step + 1} steps: train.max_minutes={cfg.train.max_minutes} reached")
-                break
-        after = trainer.evaluate(eval_set, cfg.train.eval_samples)
-        tracker.log(after, step=cfg.train.steps)
-    console.print(f"held-out after RL:  {_fmt(after)}")
-    summary = {
-        **{f"before/{k}": v for k, v in before.items()},
-        **{f"after/{k}": v for k, v in after.items()},
-        "wall_s": time.perf_counter() - t_start,
-    }
-    tracker.summary(summary)
-    if cfg.logging.plot:
-        path = tracker.plot_rewards(before, after)
-        if path is not None:
-            console.print(f"reward curve: {path}")
-    tracker.finish()
-    console.print(f"done in {summary['wall_s']:.0f} s; metrics in {cfg.logging.out_dir}/metrics.jsonl")
-    engine.shutdown()
-    shutdown_runtime()
-    return summary
+        r.policy.reset_reference()  # the RL reference is the SFT model, as in R1
+    before = r.trainer.evaluate(r.eval_set, cfg.train.eval_samples)
+    r.tracker.log(before, step=0)
+    r.console.print(f"held-out before RL: {_fmt(before)}")
+    return before
+
+
+def _rl_loop(cfg, r: _Run, start_step: int) -> None:
+    from tqdm import tqdm
+
+    from r1mega.cadence import Cadence
+    from r1mega.checkpoint import save_checkpoint
+
+    show = r.policy.runtime.is_main and cfg.logging.progress
+    bar = tqdm(range(start_step, cfg.train.steps), desc="GRPO", disable=not show, dynamic_ncols=True)
+    cadence = Cadence(cfg.train)
+    for step in bar:
+        metrics = r.trainer.step(step)
+        r.tracker.log(metrics, step=step + 1)
+        bar.set_postfix({short: f"{metrics[k]:.3g}" for short, k in _BAR.items() if k in metrics})
+        due = cadence.after(step)
+        if due.save:
+            save_checkpoint(cfg.train.save_dir, step, r.policy)
+        if due.eval:
+            r.tracker.log(r.trainer.evaluate(r.eval_set, cfg.train.eval_samples), step=step + 1)
+        if due.stop:
+            r.console.print(f"stopping after {step + 1} steps: {due.stop}")
+            break
+
+
+_BAR = {"acc": "reward/accuracy", "fmt": "reward/format", "kl": "train/kl", "len": "response/length_mean"}
 
 
 def _fmt(ev: dict[str, float]) -> str:
@@ -155,17 +183,15 @@ def _fmt(ev: dict[str, float]) -> str:
 def main() -> None:
     _quiet()
     import hydra
-    from omegaconf import OmegaConf
 
-    from r1mega.config import ConfigError, register_configs
+    from r1mega.config import ConfigError, config_from_hydra, register_configs
 
     register_configs()
 
     @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
     def _hydra_main(dcfg) -> None:
-        cfg = OmegaConf.to_object(dcfg)
         try:
-            run(cfg)
+            run(config_from_hydra(dcfg))
         except ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -9,11 +9,15 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from megatron.core import parallel_state
 
+from r1mega.batch import TokenBatch, pad_rows
 from r1mega.config import Config
-from r1mega.data.tasks import Problem, render_prompt
-from r1mega.grpo.advantages import group_advantages, informative_groups
-from r1mega.policy import Policy, TokenBatch, pad_rows
+from r1mega.data.tasks import Problem, encode_prompt
+from r1mega.engine import MegatronEngine
+from r1mega.grpo.advantages import informative_groups
+from r1mega.objectives import build_objective
+from r1mega.registry import ADVANTAGES
 from r1mega.rewards import RewardScorer
 from r1mega.rollout.base import Rollout, RolloutEngine, SamplingParams
 
@@ -95,7 +99,7 @@ class GRPOTrainer:
     def __init__(
         self,
         cfg: Config,
-        policy: Policy,
+        policy: MegatronEngine,
         engine: RolloutEngine,
         scorer: RewardScorer,
         tokenizer,
@@ -103,7 +107,8 @@ class GRPOTrainer:
     ) -> None:
         self.cfg, self.policy, self.engine, self.scorer = cfg, policy, engine, scorer
         self.tokenizer, self.sampler = tokenizer, sampler
-        self.seq_multiple = cfg.parallel.tp if policy.model.config.sequence_parallel else 1
+        self.objective = build_objective(cfg, policy.device)  # algo.loss: GRPO and its variants by default
+        self.advantages = ADVANTAGES.get(cfg.algo.advantage)  # algo.advantage: group-relative by default
 
     def lr_at(self, step: int) -> float:
         o = self.cfg.optim
@@ -118,7 +123,7 @@ class GRPOTrainer:
 
         # 1. prompts: this rank's share of the step's questions, each repeated G times
         problems = self.sampler.batch(step)
-        prompts = [self.tokenizer.encode(render_prompt(p.question, cfg.data.template)) for p in problems]
+        prompts = [encode_prompt(self.tokenizer, p.question, cfg.data.template) for p in problems]
         prompts = [p for p in prompts for _ in range(a.group_size)]
         golds = [p.answer for p in problems for _ in range(a.group_size)]
 
@@ -138,31 +143,33 @@ class GRPOTrainer:
         total = torch.tensor(rewards.total, dtype=torch.float32)
 
         # 4. group-relative advantages; DAPO's dynamic sampling masks groups that carry no signal
-        adv = group_advantages(total, a.group_size, std_norm=a.adv_std_norm)
-        batch = build_token_batch(rollouts, self.tokenizer.pad_id, self.seq_multiple)
+        adv = self.advantages(total, a)
+        batch = build_token_batch(rollouts, self.tokenizer.pad_id, self.policy.seq_multiple)
         if a.dynamic_sampling:
             keep = informative_groups(total, a.group_size).repeat_interleave(a.group_size)
             batch.mask *= keep.float().unsqueeze(1)
         batch.advantages = adv.unsqueeze(1) * batch.mask
 
-        # 5. log-probs of the sampled tokens: old policy (recomputed) and reference
+        # 5. log-probs of the sampled tokens at the loss's temperature: old policy (recomputed) and reference
         with timer.stage("logprobs"):
-            batch.old_logp, _ = self.policy.compute_logprobs(batch)
+            batch.old_logp, _ = self.policy.compute_logprobs(batch, self.objective.temperature)
             if a.beta > 0:
-                batch.ref_logp, _ = self.policy.compute_logprobs(batch, reference=True)
+                batch.ref_logp, _ = self.policy.compute_logprobs(batch, self.objective.temperature, reference=True)
         diff, known = rollout_logprob_gap(rollouts, batch, self.policy.is_last_stage)
 
-        # 6. loss + optimizer: num_minibatches optimizer steps over the rollout (groups stay whole)
+        # 6. loss + optimizer: num_minibatches optimizer steps over the rollout (groups stay whole); a
+        #    minibatch without a loss token on any rank (DAPO dropped every group) is skipped and counted
         with timer.stage("training"):
             order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(cfg.train.seed + step))
             train_metrics: list[dict[str, float]] = []
             for chunk in order.chunk(a.num_minibatches):
                 rows = (chunk.unsqueeze(1) * a.group_size + torch.arange(a.group_size)).reshape(-1)
-                train_metrics.append(self.policy.train_minibatch(batch.select(rows), self.lr_at(step)))
+                minibatch = batch.select(rows)
+                train_metrics.append(self.policy.forward_backward(minibatch, self.objective, self.lr_at(step)))
 
-        # 7. weight sync to the rollout engine; periodic reference reset (R1-Zero: every 400 steps)
+        # 7. weight sync to the rollout engine (HF-named tensors); periodic reference reset (R1-Zero: every 400)
         with timer.stage("weight_update"):
-            self.engine.update_weights(self.policy)
+            self.engine.update_weights(self.policy.weights)
             if a.ref_reset_every and (step + 1) % a.ref_reset_every == 0:
                 self.policy.reset_reference()
 
@@ -186,8 +193,6 @@ class GRPOTrainer:
         }
         g = self.policy.reduce_metrics(local)
         logp_diff_max = self.policy.reduce_max(float(diff.max()) if diff.numel() else 0.0)
-        tm = {k: sum(m[k] for m in train_metrics) for k in train_metrics[0]}
-        tokens = max(tm.get("tokens", 0.0), 1.0)
         out = {
             "reward/mean": g["reward"] / g["n"],
             "reward/accuracy": g["accuracy"] / g["n"],
@@ -196,12 +201,7 @@ class GRPOTrainer:
             "reward/errors": g["reward_errors"],
             "response/length_mean": g["response_len"] / g["n"],
             "response/finished_frac": g["finished"] / g["n"],
-            "train/loss": tm["loss"] / len(train_metrics),
-            "train/kl": tm["kl"] / tokens,
-            "train/clip_frac": tm["clip_frac"] / tokens,
-            "train/entropy": tm["entropy"] / tokens,
-            "train/ratio_mean": tm["ratio"] / tokens,
-            "train/grad_norm": tm["grad_norm"] / len(train_metrics),
+            **self.objective.metrics.summarize(train_metrics),
             "train/lr": self.lr_at(step),
             "rollout/logp_diff_mean": g["logp_diff_sum"] / max(g["logp_diff_tokens"], 1.0),
             "rollout/logp_diff_max": logp_diff_max,
@@ -219,11 +219,9 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, problems: list[Problem], samples: int = 1) -> dict[str, float]:
         """Held-out accuracy: greedy, and the mean over ``samples`` sampled answers (pass@1 as R1 reports)."""
-        from megatron.core import parallel_state
-
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         mine = problems[dp_rank::dp_size]
-        prompts = [self.tokenizer.encode(render_prompt(p.question, self.cfg.data.template)) for p in mine]
+        prompts = [encode_prompt(self.tokenizer, p.question, self.cfg.data.template) for p in mine]
         s = self.cfg.rollout.sampling
         out: dict[str, float] = {}
         self.engine.resume_memory()

@@ -50,7 +50,7 @@ def make_batch(vocab: int, b: int = 8, s: int = 24):
     """Deterministic global batch: random prompts / responses of varying length, right-padded."""
     import torch
 
-    from r1mega.policy import TokenBatch
+    from r1mega.batch import TokenBatch
 
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(6, vocab, (b, s), generator=g)
@@ -83,13 +83,15 @@ def main() -> None:
 
     from r1mega.checkpoint import load_model, save_model
     from r1mega.data.tokenizer import CharTokenizer
+    from r1mega.engine import MegatronEngine
+    from r1mega.objectives.grpo import GRPOObjective
     from r1mega.parallel.runtime import init_runtime, shutdown_runtime
-    from r1mega.policy import Policy
 
     cfg = make_config(args.layout, args.mla, args.loss_agg, args.loss_impl)
     rt = init_runtime(cfg.parallel, seed=1)
     vocab = CharTokenizer().vocab_size
-    policy = Policy(cfg, rt, vocab)
+    policy = MegatronEngine(cfg, rt, vocab)
+    objective = GRPOObjective.from_config(cfg, policy.device)
     if args.save:
         save_model(policy.model, args.ckpt)
     else:
@@ -99,12 +101,12 @@ def main() -> None:
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     rows = torch.arange(batch.size).chunk(dp_size)[dp_rank]
     mine = batch.select(rows)
-    logp, ent = policy.compute_logprobs(mine)
+    logp, ent = policy.compute_logprobs(mine, objective.temperature)
     # old / reference log-probs away from the current ones, so both clip sides and the KL are active
     mine.old_logp = (logp + noise_old[rows]) * mine.mask
     mine.ref_logp = (logp + noise_ref[rows]) * mine.mask
-    metrics = policy.train_minibatch(mine, lr=cfg.optim.lr)
-    logp_after, _ = policy.compute_logprobs(mine)
+    metrics = policy.forward_backward(mine, objective, lr=cfg.optim.lr)
+    logp_after, _ = policy.compute_logprobs(mine, objective.temperature)
     last = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
     payload = (dp_rank, rows.tolist(), logp.tolist(), ent.tolist(), logp_after.tolist()) if last else None
     gathered = [None] * dist.get_world_size()

@@ -10,14 +10,14 @@ from tests.test_trainer import small_config
 def _components(cfg, rt):
     from r1mega.data.tasks import load_problems
     from r1mega.data.tokenizer import CharTokenizer
-    from r1mega.policy import Policy
+    from r1mega.engine import MegatronEngine
     from r1mega.rollout.megatron_engine import MegatronRolloutEngine
     from r1mega.trainer import PromptSampler
 
     tok = CharTokenizer()
     train, _ = load_problems(cfg.data)
     torch.manual_seed(5)  # both runs start from the same initial weights
-    policy = Policy(cfg, rt, tok.vocab_size)
+    policy = MegatronEngine(cfg, rt, tok.vocab_size)
     engine = MegatronRolloutEngine(policy.model, tok, policy.padded_vocab, 64, 64)
     return tok, policy, engine, PromptSampler(train, cfg.rollout.prompts_per_step, 0, 1, 0)
 

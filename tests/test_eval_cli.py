@@ -36,8 +36,8 @@ def sft_model(tmp_path_factory):
     from r1mega.checkpoint import save_model
     from r1mega.data.tasks import load_problems
     from r1mega.data.tokenizer import CharTokenizer
+    from r1mega.engine import MegatronEngine
     from r1mega.parallel.runtime import init_runtime, shutdown_runtime
-    from r1mega.policy import Policy
     from r1mega.rollout.megatron_engine import MegatronRolloutEngine
     from r1mega.sft import cold_start_sft
 
@@ -46,7 +46,7 @@ def sft_model(tmp_path_factory):
     try:
         tok = CharTokenizer()
         train, heldout = load_problems(cfg.data)
-        policy = Policy(cfg, rt, tok.vocab_size)
+        policy = MegatronEngine(cfg, rt, tok.vocab_size)
         cold_start_sft(cfg, policy, train, tok)
         ckpt = tmp_path_factory.mktemp("sft") / "ckpt"
         save_model(policy.model, ckpt)

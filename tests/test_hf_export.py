@@ -212,7 +212,9 @@ def test_hf_config_round_trips(name):
         from omegaconf import OmegaConf
 
         root = Path(__file__).resolve().parents[1]
-        node = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(root / f"conf/model/{name}.yaml"))
+        node = OmegaConf.merge(
+            OmegaConf.structured(ModelConfig), OmegaConf.load(root / f"r1mega/conf/model/{name}.yaml")
+        )
         m = OmegaConf.to_object(node)
     else:
         m = load_yaml(name)

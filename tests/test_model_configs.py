@@ -42,7 +42,9 @@ DERIVED = {
 
 def load_yaml(name: str) -> ModelConfig:
     """conf/model/<name>.yaml merged into the typed schema (struct mode: an unknown key raises)."""
-    node = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"))
+    node = OmegaConf.merge(
+        OmegaConf.structured(ModelConfig), OmegaConf.load(ROOT / "r1mega" / "conf" / "model" / f"{name}.yaml")
+    )
     return OmegaConf.to_object(node)
 
 

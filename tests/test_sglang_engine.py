@@ -14,15 +14,14 @@ import math
 import sys
 import types
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from r1mega.config import Config
+from r1mega.config import Config, SGLangRolloutConfig
 from r1mega.data.tokenizer import CharTokenizer
 from r1mega.model.hf_export import export_hf, hf_config_from_model_config
-from r1mega.rollout.base import SamplingParams
+from r1mega.rollout.base import HFWeights, SamplingParams
 from tests.launch import run_ranks
 
 TAGS = {"kv_cache", "weights", "cuda_graph"}
@@ -115,7 +114,7 @@ def small_config(tp: int = 1, ep: int = 1) -> Config:
     m.multi_latent_attention, m.q_lora_rank, m.kv_lora_rank, m.qk_layernorm = True, 32, 32, True
     m.qk_head_dim, m.qk_pos_emb_head_dim, m.v_head_dim = 16, 8, 16
     cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.etp = tp, ep, 1
-    cfg.rollout.backend, cfg.rollout.sglang_mem_fraction, cfg.rollout.max_batch_size = "sglang", 0.4, 96
+    cfg.rollout = SGLangRolloutConfig(mem_fraction=0.4, max_batch_size=96)
     return cfg
 
 
@@ -123,7 +122,7 @@ def make_policy(cfg: Config, tok):
     from r1mega.model.builder import build_gpt_model
 
     model = build_gpt_model(cfg.model, cfg.parallel, cfg.train, tok.vocab_size, torch.device("cpu"))
-    return SimpleNamespace(model=model, vocab_size=tok.vocab_size)
+    return HFWeights(model, cfg.model, tok.vocab_size)
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +192,7 @@ def test_trainer_cycle_release_update_resume(setup):
     with torch.no_grad():
         policy.model.embedding.word_embeddings.weight.add_(1.0)  # "training"
     start = len(fake.calls)
-    engine.update_weights(SimpleNamespace(model=policy.model))
+    engine.update_weights(policy)
     assert fake.calls[start] == ("resume", ("weights",)) and fake.offloaded == {"kv_cache", "cuda_graph"}
     assert kinds(fake, start)[-1] == "flush"
     emb = policy.model.embedding.word_embeddings.weight[: tok.vocab_size]
@@ -273,11 +272,11 @@ def test_shutdown_and_layout_checks(setup):
 
 
 def test_build_engine_picks_sglang(setup, monkeypatch):
+    from r1mega.rollout import build_rollout_engine
     from r1mega.rollout.sglang_engine import SGLangRolloutEngine
-    from r1mega.train import build_engine
 
     cfg, tok, policy, _, _ = setup
-    engine = build_engine(cfg, policy, tok)
+    engine = build_rollout_engine(cfg, policy, tok)
     assert isinstance(engine, SGLangRolloutEngine)
     engine.shutdown()
 

@@ -57,8 +57,8 @@ def small_config() -> Config:
 def test_three_grpo_steps_change_weights_and_log_every_metric():
     from r1mega.data.tasks import load_problems
     from r1mega.data.tokenizer import CharTokenizer
+    from r1mega.engine import MegatronEngine
     from r1mega.parallel.runtime import init_runtime, shutdown_runtime
-    from r1mega.policy import Policy
     from r1mega.rewards import RewardScorer
     from r1mega.rollout.megatron_engine import MegatronRolloutEngine
     from r1mega.trainer import GRPOTrainer, PromptSampler
@@ -68,7 +68,7 @@ def test_three_grpo_steps_change_weights_and_log_every_metric():
     try:
         tok = CharTokenizer()
         train, _ = load_problems(cfg.data)
-        policy = Policy(cfg, rt, tok.vocab_size)
+        policy = MegatronEngine(cfg, rt, tok.vocab_size)
         engine = MegatronRolloutEngine(policy.model, tok, policy.padded_vocab, 64, 64)
         before = {k: v.detach().clone() for k, v in policy.model.state_dict().items() if torch.is_tensor(v)}
         ref_before = {k: v.detach().clone() for k, v in policy.ref_model.state_dict().items() if torch.is_tensor(v)}

@@ -34,7 +34,15 @@ def render_prompt(question: str, template: str) -> str:
         return R1_ZERO_TEMPLATE.format(question=question)
     if template == "compact":
         return f"{question}=?"
-    return question  # chat: the tokenizer's chat template is applied by the caller
+    return question  # chat: the tokenizer's chat template is applied by encode_prompt
+
+
+def encode_prompt(tokenizer, question: str, template: str) -> list[int]:
+    """The prompt's token ids: the rendered template, or (``chat``) the tokenizer's own chat template
+    around one user turn, ending with the assistant's generation prompt."""
+    if template == "chat":
+        return tokenizer.encode_chat(question)
+    return tokenizer.encode(render_prompt(question, template))
 
 
 def _scratchpad(a: int, b: int, op: str) -> str:

@@ -99,6 +99,18 @@ class HFTokenizer(_MegatronTokenizerSurface):
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
 
+    def encode_chat(self, user: str) -> list[int]:
+        """One user turn in the tokenizer's chat template, plus the assistant's generation prompt."""
+        if not self.tok.chat_template:
+            raise ValueError(
+                f"data.template=chat: the tokenizer at {self.tok.name_or_path!r} has no chat template; "
+                "use data.template=r1_zero (or a chat model's tokenizer)"
+            )
+        text = self.tok.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+        return self.tok.encode(text, add_special_tokens=False)  # the template carries its own special tokens
+
     def decode(self, ids: Sequence[int]) -> str:
         ids = list(ids)
         if self.eos_id in ids:

@@ -5,7 +5,7 @@
         eval.template=chat eval.max_new_tokens=4096 rollout=sglang train.precision=bf16
     r1mega-eval ... eval.greedy=true eval.limit=50
 
-conf/eval.yaml is the primary config: conf/config.yaml (the training defaults) plus R1's protocol (eval.*).
+r1mega/conf/eval.yaml is the primary config: r1mega/conf/config.yaml (the training defaults) + R1's protocol (eval.*).
 Prints the table, writes ``eval.output`` (default ``<logging.out_dir>/eval.json``) with every per-problem result,
 and logs the summary through :class:`r1mega.tracking.Tracker` (wandb + metrics.jsonl).
 """
@@ -14,22 +14,23 @@ from __future__ import annotations
 
 import sys
 
-from r1mega.train import CONF_DIR, _quiet, build_engine
+from r1mega.train import CONF_DIR, _quiet
 
 
 def build_policy_and_engine(cfg, runtime, tokenizer):
     """The model under evaluation and a rollout engine on it: the ONE place both are built.
 
-    As ``r1mega-train`` builds them today (``Policy(cfg, runtime, vocab)`` + ``load_model`` of ``model.checkpoint``;
-    ``train.build_engine``). No reference model is built (nothing is trained). The policy also allocates its
-    optimizer: megatron's Policy builds both together.
+    As ``r1mega-train`` builds them (:class:`r1mega.engine.MegatronEngine` + ``load_model`` of ``model.checkpoint``;
+    :func:`r1mega.rollout.build_rollout_engine`). No reference model is built (nothing is trained); the engine
+    also allocates its optimizer, which megatron builds together with the DDP wrapper.
     """
     from r1mega.checkpoint import load_model
     from r1mega.config import ConfigError
-    from r1mega.policy import Policy
+    from r1mega.engine import MegatronEngine
+    from r1mega.rollout import build_rollout_engine
 
     cfg.algo.beta = 0.0  # no reference model
-    policy = Policy(cfg, runtime, tokenizer.vocab_size)
+    policy = MegatronEngine(cfg, runtime, tokenizer.vocab_size)
     hf_path = getattr(cfg.model, "hf_path", None)  # model.hf_path arrives with the HF-loading branch
     if hf_path:
         # HF checkpoint loading goes here: load `hf_path`'s weights into policy.model (the HF branch's loader).
@@ -37,7 +38,7 @@ def build_policy_and_engine(cfg, runtime, tokenizer):
     if not cfg.model.checkpoint:
         raise ConfigError("nothing to evaluate: set model.checkpoint=<megatron checkpoint dir> (or model.hf_path)")
     load_model(policy.model, cfg.model.checkpoint)
-    return policy, build_engine(cfg, policy, tokenizer)
+    return policy, build_rollout_engine(cfg, policy.weights, tokenizer)
 
 
 def run(cfg):
@@ -73,7 +74,7 @@ def run(cfg):
             f"the longest prompt ({longest} tokens) + eval.max_new_tokens={settings.max_new_tokens} exceeds "
             f"model.max_position_embeddings={cfg.model.max_position_embeddings}; lower eval.max_new_tokens"
         )
-    cfg.data.max_prompt_len = longest  # the engine's context = these two (train.build_engine)
+    cfg.data.max_prompt_len = longest  # the megatron engine's context = these two (rollout.max_seq_len unset)
     cfg.rollout.sampling.max_new_tokens = settings.max_new_tokens
     runtime = init_runtime(cfg.parallel, cfg.train.seed, cfg.train.device, cfg.train.threads)
     console = Console(stderr=True, quiet=not runtime.is_main)
@@ -110,9 +111,8 @@ def run(cfg):
 def main() -> None:
     _quiet()
     import hydra
-    from omegaconf import OmegaConf
 
-    from r1mega.config import ConfigError, register_configs
+    from r1mega.config import ConfigError, config_from_hydra, register_configs
     from r1mega.eval.datasets import DatasetError
 
     register_configs()
@@ -120,7 +120,7 @@ def main() -> None:
     @hydra.main(version_base=None, config_path=CONF_DIR, config_name="eval")
     def _hydra_main(dcfg) -> None:
         try:
-            run(OmegaConf.to_object(dcfg))
+            run(config_from_hydra(dcfg))
         except (ConfigError, DatasetError) as e:
             print(f"{'config' if isinstance(e, ConfigError) else 'data'} error: {e}", file=sys.stderr)
             sys.exit(2)

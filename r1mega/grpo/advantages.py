@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from r1mega.config import AlgoConfig
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, std_norm: bool = True, eps: float = 1e-6) -> torch.Tensor:
@@ -24,3 +30,13 @@ def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """Bool [num_prompts]: groups whose rewards are not all equal (DAPO's dynamic-sampling filter)."""
     r = rewards.view(-1, group_size)
     return (r.max(dim=1).values - r.min(dim=1).values) > 0
+
+
+# An advantage estimator (``algo.advantage``, see r1mega.registry.ADVANTAGES): per-answer rewards
+# [num_prompts * group_size], groups contiguous, and the algo config -> per-answer advantages.
+AdvantageFn = Callable[[torch.Tensor, "AlgoConfig"], torch.Tensor]
+
+
+def grpo_advantages(rewards: torch.Tensor, algo: AlgoConfig) -> torch.Tensor:
+    """GRPO's group-normalised advantage (Dr.GRPO: ``algo.adv_std_norm=false``)."""
+    return group_advantages(rewards, algo.group_size, std_norm=algo.adv_std_norm)

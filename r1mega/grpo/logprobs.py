@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 
 def _tp_group():
-    from megatron.core import parallel_state
-
     return parallel_state.get_tensor_model_parallel_group()
 
 
@@ -35,8 +35,6 @@ def token_logprobs(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(logits / T)[target] for vocab-sharded logits [..., V/tp]; optional entropy."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
     scaled = logits.float() / temperature  # a new fp32 tensor: megatron's CE works on it in place
     entropy = vocab_parallel_entropy(scaled) if with_entropy else None
     logp = -vocab_parallel_cross_entropy(scaled, targets)

@@ -100,11 +100,24 @@ def grpo_loss(
     token_loss, stats = grpo_token_loss(logp, old_logp, ref_logp, advantages, mask, s)
     u, denom = aggregation_weights(mask, s.loss_agg, s.max_len, dtype=token_loss.dtype)
     loss_sum = (token_loss * u).sum()
+    return loss_sum, denom, metric_sums(mask, stats["clipped"], stats["kl"], stats["ratio"])
+
+
+def metric_sums(
+    mask: torch.Tensor,
+    clipped: torch.Tensor,
+    kl: torch.Tensor,
+    ratio: torch.Tensor,
+    entropy: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The GRPO metrics as sums over answer tokens, plus the token count (every loss path reports these)."""
     m = mask.to(torch.float32)
-    metrics = {
+    out = {
         "tokens": m.sum(),
-        "clip_frac": (stats["clipped"].float() * m).sum(),
-        "kl": (stats["kl"] * m).sum(),
-        "ratio": (stats["ratio"] * m).sum(),
+        "clip_frac": (clipped.float() * m).sum(),
+        "kl": (kl * m).sum(),
+        "ratio": (ratio * m).sum(),
     }
-    return loss_sum, denom, metrics
+    if entropy is not None:
+        out["entropy"] = (entropy * m).sum()
+    return out

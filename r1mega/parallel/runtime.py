@@ -3,6 +3,26 @@
 One entry point, :func:`init_runtime`, used by the trainer, the tools and the tests. It picks the
 device (CUDA when present, else the CPU with :mod:`r1mega.parallel.cpu_compat`), the backend (NCCL on
 GPUs, gloo on the CPU), and builds megatron's TP / PP / EP / CP / DP groups from the config.
+
+**Where megatron may be imported** (the rule behind the function-local ``from megatron...`` imports; it
+lives here because this module is the line between the light paths and the megatron world):
+
+- Modules on the training path, which only load once a run is being built, import megatron at their top:
+  ``engine``, ``objectives.*``, ``trainer``, ``sft``, ``grpo.logprobs``, ``rollout.megatron_engine`` /
+  ``sglang_engine``. They may load before :func:`init_runtime` (``train.run`` resolves the plug-ins first);
+  that is safe because :mod:`~r1mega.parallel.cpu_compat` patches megatron's module attributes, which
+  megatron looks up at call time, after importing those modules itself.
+- Everything a light path loads keeps megatron out of its import: ``config`` / ``config_checks`` /
+  ``registry``, ``data``, ``rewards``, ``tracking``, ``train``'s module level and this module (its functions
+  import megatron inside). Light paths: ``r1mega-train --cfg job`` and config errors (which must answer in
+  about a second, not after the ~10 s ``import megatron.core`` with torch._dynamo / inductor), each spawned
+  reward worker (a fresh interpreter importing ``r1mega.rewards``), and the entry point's own start, which
+  must set its warning filters, ``OMP_NUM_THREADS`` and log levels (``train._quiet``) before megatron's
+  import-time warnings.
+- The one ordering hazard against the CPU layer: never bind a name that ``cpu_compat.install()`` replaces
+  (``from torch.cuda import current_device``, ``from megatron.core.transformer.moe.moe_utils import
+  maybe_move_tensor_to_cpu``) at module level: the binding would keep the CUDA original. Import the module
+  (``from megatron.core import parallel_state``) and look the name up when it is called.
 """
 
 from __future__ import annotations

@@ -1,18 +1,22 @@
 """The rollout-engine interface: what the trainer needs from any generation backend.
 
 Backends: :mod:`r1mega.rollout.megatron_engine` (megatron-core's inference engine in-process, sharing
-the trainer's weights) and SGLang (colocated server; weights pushed in memory after each update). The
-surface mirrors what SGLang offers (token-id prompts, per-token log-probs, in-memory weight updates,
-memory release / resume), so both plug into the same trainer.
+the trainer's weights) and SGLang (colocated server; weights pushed in memory after each update); any other
+registers in :data:`r1mega.registry.ROLLOUT_ENGINES`. The surface mirrors what SGLang offers (token-id
+prompts, per-token log-probs, in-memory weight updates, memory release / resume), so all plug into the same
+trainer, built by one constructor (:meth:`RolloutEngine.from_config`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
+
+from r1mega.config import Config, ModelConfig
+from r1mega.model.hf_export import iter_hf_buckets
 
 
 @dataclass(frozen=True)
@@ -40,18 +44,55 @@ class Rollout:
 
 
 class WeightSource(Protocol):
-    """Where an engine pulls new weights from after an optimizer step."""
+    """The trainer's weights as a stream of (Hugging Face name, tensor) pairs: what an engine loads.
 
-    def named_tensors(self, fmt: str) -> Iterator[tuple[str, torch.Tensor]]: ...
+    Engines never see the model. The stream comes in buckets of about ``bucket_bytes``; tensors that must
+    be loaded in one call (a layer's MLA ``q_a_proj`` + ``kv_a_proj_with_mqa``) share a bucket. Drawing it is
+    collective over the TP / EP groups (whole tensors are gathered): every rank must drain it.
+    """
+
+    vocab_size: int  # the real vocab (the policy's padded rows are not exported)
+
+    def hf_buckets(
+        self, bucket_bytes: int, dtype: Optional[torch.dtype] = None
+    ) -> Iterator[list[tuple[str, torch.Tensor]]]: ...
+
+
+@dataclass
+class HFWeights:
+    """The WeightSource of a megatron GPTModel, through :mod:`r1mega.model.hf_export`."""
+
+    model: Any  # the unwrapped GPTModel (the in-process megatron engine generates with it directly)
+    model_cfg: ModelConfig
+    vocab_size: int
+
+    def hf_buckets(
+        self, bucket_bytes: int, dtype: Optional[torch.dtype] = None
+    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        return iter_hf_buckets(self.model, self.model_cfg, self.vocab_size, bucket_bytes, dtype)
 
 
 class RolloutEngine(Protocol):
+    """A generation backend; register it in r1mega.registry.ROLLOUT_ENGINES (or ``rollout.backend=module:Class``).
+
+    Contract (tests/test_rollout_contract.py runs it on every registered engine): ``release_memory`` and
+    ``resume_memory`` are idempotent; ``update_weights`` may come while memory is released; ``generate`` after
+    ``resume_memory`` always uses the weights of the last ``update_weights`` (or of construction).
+    """
+
+    settings_type: type  # its RolloutConfig subclass (its config group, conf/rollout/<name>.yaml)
+
+    @classmethod
+    def from_config(cls, cfg: Config, weights: WeightSource, tokenizer) -> RolloutEngine:
+        """The one constructor the trainer calls: settings from ``cfg.rollout``; weights only as a stream."""
+        ...
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
         """One Rollout per prompt, in order (repeat a prompt G times for a group)."""
         ...
 
     def update_weights(self, source: WeightSource) -> None:
-        """Make the next generate() use the trainer's current weights."""
+        """Make the next generate() use the trainer's current weights (collective: every rank calls it)."""
         ...
 
     def release_memory(self) -> None:

@@ -12,11 +12,32 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.inference.engines import StaticInferenceEngine
+from megatron.core.inference.inference_request import InferenceRequest
+from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
+from megatron.core.inference.sampling_params import SamplingParams as MSampling
+from megatron.core.inference.text_generation_controllers.text_generation_controller import TextGenerationController
+from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
-from r1mega.rollout.base import Rollout, SamplingParams, WeightSource
+from r1mega.config import Config, MegatronRolloutConfig
+from r1mega.model.builder import padded_vocab_size
+from r1mega.rollout.base import HFWeights, Rollout, SamplingParams, WeightSource
 
 
 class MegatronRolloutEngine:
+    settings_type = MegatronRolloutConfig
+
+    @classmethod
+    def from_config(cls, cfg: Config, weights: HFWeights, tokenizer) -> MegatronRolloutEngine:
+        """The engine on the trainer's GPTModel (``weights.model``): shared, so weight updates are free."""
+        r = cfg.rollout
+        max_seq = r.max_seq_len or cfg.data.max_prompt_len + r.sampling.max_new_tokens
+        vocab = padded_vocab_size(weights.vocab_size, cfg.model, cfg.parallel.tp)
+        return cls(weights.model, tokenizer, vocab, r.max_batch_size, max_seq)
+
     def __init__(self, model, tokenizer, padded_vocab_size: int, max_batch_size: int, max_seq_len: int) -> None:
         self.model = model  # the unwrapped GPTModel shared with the trainer
         self.tokenizer = tokenizer
@@ -27,16 +48,6 @@ class MegatronRolloutEngine:
 
     # -- engine construction (lazy: released memory is rebuilt on the next generate) --
     def _build(self):
-        from megatron.core.inference.contexts import StaticInferenceContext
-        from megatron.core.inference.engines import StaticInferenceEngine
-        from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
-        from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
-            InferenceWrapperConfig,
-        )
-        from megatron.core.inference.text_generation_controllers.text_generation_controller import (
-            TextGenerationController,
-        )
-
         cfg = self.model.config
         wrapper_cfg = InferenceWrapperConfig(
             hidden_size=cfg.hidden_size,
@@ -56,8 +67,6 @@ class MegatronRolloutEngine:
     @contextlib.contextmanager
     def _inference_mode(self) -> Iterator[None]:
         """Eval mode, bf16 GEMMs, and sequence parallelism off where megatron's static engine refuses it."""
-        from megatron.core.transformer.utils import set_model_to_sequence_parallel
-
         cfg = self.model.config
         toggle_sp = cfg.sequence_parallel and not (
             cfg.tensor_model_parallel_size > 1 and cfg.expert_model_parallel_size > 1
@@ -84,8 +93,6 @@ class MegatronRolloutEngine:
         token all-to-all), and the static engine stops when its own batch is done: ranks would fall
         out of step. So EP runs generate the union of all ranks' prompts and keep their own share.
         """
-        from megatron.core import parallel_state
-
         dp = parallel_state.get_data_parallel_group()
         if self.model.config.expert_model_parallel_size == 1 or dist.get_world_size(dp) == 1:
             return self._generate(prompts, params)
@@ -96,9 +103,6 @@ class MegatronRolloutEngine:
         return outs[start : start + len(prompts)]
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
-        from megatron.core.inference.inference_request import InferenceRequest
-        from megatron.core.inference.sampling_params import SamplingParams as MSampling
-
         if self._engine is None:
             self._engine = self._build()
         if params.seed is not None:
@@ -130,11 +134,12 @@ class MegatronRolloutEngine:
             finished = len(ids) < params.max_new_tokens
             if finished:
                 ids, lps = ids + [eos], lps + [float("nan")]
+            # routed_experts stays None: megatron-core 0.16.1's inference path records no router choices
             out.append(Rollout(list(prompt), ids, lps, finished=finished))
         return _broadcast_from_model_parallel_src(out)
 
     def update_weights(self, source: WeightSource) -> None:
-        """Nothing to copy: the engine reads the trainer's parameters directly."""
+        """Nothing to copy: the engine reads the trainer's parameters directly (``source`` is not drawn)."""
 
     def release_memory(self) -> None:
         self._engine = None  # drops the KV cache held by the static context
@@ -154,7 +159,6 @@ def _broadcast_from_model_parallel_src(rollouts: list[Rollout]) -> list[Rollout]
     TP / PP ranks sample from identical logits with identical seeds, but a bitwise difference in a
     reduction could make one rank sample a different token: a silent divergence of the batch.
     """
-    from megatron.core import parallel_state
 
     group = parallel_state.get_model_parallel_group()
     if dist.get_world_size(group) == 1:

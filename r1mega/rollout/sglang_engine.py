@@ -22,15 +22,16 @@ Layout (one SGLang engine per trainer TP group):
   each process must see all of its node's GPUs (torchrun's default, not one-GPU-per-task Slurm
   binding); the TP group must sit on one node; with EP, every engine receives every expert (the export
   all-gathers experts over the EP group), so each GPU holds a full TP shard of the model in SGLang,
-  sized by ``rollout.sglang_mem_fraction``. The SGLang ports are spread by GPU index
-  (``30000 + 100 * base_gpu_id``) so the engines of one node do not collide.
+  sized by ``rollout.mem_fraction``. The SGLang ports are spread by GPU index
+  (``rollout.base_port + 100 * base_gpu_id``) so the engines of one node do not collide.
 
 Startup: config.json for the policy's architecture (:func:`hf_config_from_model_config`) is written to a
 temporary directory and SGLang starts with ``load_format="dummy"`` (random weights, no checkpoint on
 disk); the real weights are pushed before the first generate. Then ``skip_tokenizer_init=True``
-(token ids in and out), ``attention_backend="triton"`` (FA3 is not in the carried kernel wheel),
-``sampling_backend="pytorch"``, ``enable_memory_saver=True``, ``disable_cuda_graph=True`` (first light;
-to be tuned). ``engine_kwargs`` override any of these.
+(token ids in and out), ``enable_memory_saver=True``, and from :class:`~r1mega.config.SGLangRolloutConfig`
+(``rollout=sglang``): ``attention_backend="triton"`` (FA3 is not in the carried kernel wheel),
+``sampling_backend="pytorch"``, ``disable_cuda_graph=True`` (first light; to be tuned). ``engine_kwargs``
+override any of these.
 
 Memory cycle (SGLang's memory saver drops the *contents* of released weights):
 ``release_memory`` releases every tag (weights, KV cache, CUDA graphs); ``update_weights`` resumes the
@@ -38,11 +39,11 @@ weights only and pushes; ``resume_memory`` resumes the rest; ``generate`` pushes
 weights were released since the last push (e.g. after ``evaluate``) -- so a push always follows a
 weight resume, as SGLang needs.
 
-Weight push: ``iter_hf_buckets`` streams the model in HF names and layouts (TP / EP gathered), buckets of
-``bucket_bytes``, each sent with ``update_weights_from_tensor(flush_cache=False)``, then one
-``flush_cache()``. A bucket never splits a layer's ``q_a_proj`` / ``kv_a_proj_with_mqa`` pair (SGLang
-fuses them within one call). It reads the GPTModel (``source.model``), not ``named_tensors("megatron")``:
-the export needs the router's expert-bias buffer, the TP attributes and the global layer numbers.
+Weight push: the :class:`~r1mega.rollout.base.WeightSource` streams (HF name, tensor) pairs in HF layouts
+(TP / EP gathered, ``iter_hf_buckets``), buckets of ``rollout.bucket_mb``, each sent with
+``update_weights_from_tensor(flush_cache=False)``, then one ``flush_cache()``. A bucket never splits a
+layer's ``q_a_proj`` / ``kv_a_proj_with_mqa`` pair (SGLang fuses them within one call). The engine never
+sees the model.
 
 Responses: SGLang with ``skip_tokenizer_init`` returns the stop token inside ``output_ids`` and a
 log-prob for every output token; if a finished answer comes back without it, it is appended (log-prob
@@ -51,7 +52,7 @@ distribution before top-k / top-p truncation, which is what the trainer recomput
 ``rollout.sampling.temperature``. Seeds: each request gets its own ``sampling_seed`` (from the call's
 seed, the DP rank and the request index: the G copies of a prompt must not sample alike); SGLang honours
 it only with ``enable_deterministic_inference=True`` (pass it in ``engine_kwargs``), otherwise sampling
-is not reproducible.
+is not reproducible (``rollout.deterministic=true`` turns it on).
 """
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
-from r1mega.model.hf_export import hf_config_from_model_config, iter_hf_buckets
+from r1mega.config import Config, SGLangRolloutConfig
+from r1mega.model.hf_export import hf_config_from_model_config
 from r1mega.rollout.base import Rollout, SamplingParams, WeightSource
 
 WEIGHTS, KV_CACHE, CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"
@@ -78,7 +81,7 @@ def _import_sglang():
     try:
         import sglang
     except ImportError as e:  # never part of the CPU install: the `sglang` extra, on the GPU machine
-        raise ImportError("rollout.backend=sglang needs SGLang (pip install 'r1mega[sglang]', GPU only)") from e
+        raise ImportError("rollout=sglang needs SGLang (pip install 'r1mega[sglang]', GPU only)") from e
     return sglang
 
 
@@ -129,29 +132,34 @@ def to_rollout(prompt: list[int], out: dict[str, Any], eos_id: int) -> Rollout:
 
 
 class SGLangRolloutEngine:
+    settings_type = SGLangRolloutConfig
+
+    @classmethod
+    def from_config(cls, cfg: Config, weights: WeightSource, tokenizer) -> SGLangRolloutEngine:
+        return cls(cfg, weights, tokenizer)
+
     def __init__(
         self,
-        cfg,
-        policy,
+        cfg: Config,
+        weights: WeightSource,
         tokenizer,
         *,
-        bucket_bytes: int = 512 << 20,
+        bucket_bytes: Optional[int] = None,
         engine_kwargs: Optional[dict[str, Any]] = None,
     ) -> None:
         par = cfg.parallel
         if par.pp != 1 or par.cp != 1:
             raise ValueError(
-                f"rollout.backend=sglang needs parallel.pp=1 and parallel.cp=1 (got pp={par.pp}, cp={par.cp}): "
+                f"rollout=sglang needs parallel.pp=1 and parallel.cp=1 (got pp={par.pp}, cp={par.cp}): "
                 "each engine needs every layer of the model"
             )
-        self.cfg, self.policy, self.tokenizer = cfg, policy, tokenizer
-        self.bucket_bytes = bucket_bytes
+        self.settings: SGLangRolloutConfig = cfg.rollout  # rollout=sglang (checked by build_rollout_engine)
+        self.cfg, self.weights, self.tokenizer = cfg, weights, tokenizer
+        self.bucket_bytes = bucket_bytes or self.settings.bucket_mb << 20
         self.engine_kwargs = dict(engine_kwargs or {})
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self._tp_group, self._tp_size, self._owner_rank, self._dp_rank = None, 1, 0, 0
         if dist.is_available() and dist.is_initialized():
-            from megatron.core import parallel_state
-
             self._tp_group = parallel_state.get_tensor_model_parallel_group()
             self._tp_size = dist.get_world_size(self._tp_group)
             self._owner_rank = dist.get_global_rank(self._tp_group, 0)
@@ -179,17 +187,16 @@ class SGLangRolloutEngine:
         host0, gpu0 = where[0]
         if any(h != host0 or g != gpu0 + i for i, (h, g) in enumerate(where)):
             raise ValueError(
-                f"rollout.backend=sglang: the TP group must own consecutive GPUs of one node, got {where}; "
+                f"rollout=sglang: the TP group must own consecutive GPUs of one node, got {where}; "
                 "SGLang's tp_size workers are placed on GPUs base..base+tp-1"
             )
         return gpu0
 
     def _start(self, base_gpu: int) -> None:
         sgl = _import_sglang()
-        model = self.cfg.model
         hf = hf_config_from_model_config(
-            model,
-            self.policy.vocab_size,
+            self.cfg.model,
+            self.weights.vocab_size,
             dtype="bfloat16" if self.dtype == torch.bfloat16 else "float32",
             eos_token_id=int(self.tokenizer.eos_id),
         )
@@ -200,18 +207,20 @@ class SGLangRolloutEngine:
             load_format="dummy",  # weights come from the trainer (update_weights_from_tensor) before any use
             dtype=hf["torch_dtype"],
             skip_tokenizer_init=True,
-            attention_backend="triton",
-            sampling_backend="pytorch",
-            mem_fraction_static=self.cfg.rollout.sglang_mem_fraction,
+            attention_backend=self.settings.attention_backend,
+            sampling_backend=self.settings.sampling_backend,
+            mem_fraction_static=self.settings.mem_fraction,
             enable_memory_saver=True,
-            disable_cuda_graph=True,
+            disable_cuda_graph=self.settings.disable_cuda_graph,
             tp_size=self._tp_size,
             base_gpu_id=base_gpu,
-            port=30000 + 100 * base_gpu,
+            port=self.settings.base_port + 100 * base_gpu,
             random_seed=self.cfg.train.seed + self._dp_rank,
-            max_running_requests=self.cfg.rollout.max_batch_size,
+            max_running_requests=self.settings.max_batch_size,
             log_level="error",
         )
+        if self.settings.deterministic:
+            kwargs["enable_deterministic_inference"] = True
         kwargs.update(self.engine_kwargs)
         self._engine = sgl.Engine(**kwargs)
 
@@ -243,10 +252,8 @@ class SGLangRolloutEngine:
     # ------------------------------------------------------------------------------ weights
     def update_weights(self, source: WeightSource) -> None:
         """Push the trainer's weights (collective over the TP / EP groups: every rank must call it)."""
-        model = getattr(source, "model", None)
-        model = self.policy.model if model is None else model
         self._resume([WEIGHTS])  # the weights must be resident to be written; the KV cache can wait
-        for bucket in iter_hf_buckets(model, self.cfg.model, self.policy.vocab_size, self.bucket_bytes, self.dtype):
+        for bucket in source.hf_buckets(self.bucket_bytes, self.dtype):
             if self._engine is not None:
                 self._engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False)
             del bucket
@@ -257,7 +264,7 @@ class SGLangRolloutEngine:
     # ------------------------------------------------------------------------------ generation
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
         if not self._weights_synced:
-            self.update_weights(self.policy)
+            self.update_weights(self.weights)
         self.resume_memory()
         out: Optional[list[Rollout]] = None
         if self._engine is not None and prompts:

@@ -14,9 +14,9 @@ import time
 
 
 def probe_config():
-    from r1mega.config import Config
+    from r1mega.config import Config, SGLangRolloutConfig
 
-    cfg = Config()
+    cfg = Config(rollout=SGLangRolloutConfig())
     m = cfg.model
     m.name, m.num_layers, m.hidden_size, m.num_attention_heads, m.ffn_hidden_size = "probe_v3", 2, 512, 4, 1024
     m.num_experts, m.moe_ffn_hidden_size, m.moe_shared_expert_intermediate_size, m.moe_router_topk = 8, 128, 128, 2
@@ -32,8 +32,8 @@ def main() -> None:
     import torch
 
     from r1mega.data.tokenizer import CharTokenizer
+    from r1mega.engine import MegatronEngine
     from r1mega.parallel.runtime import init_runtime
-    from r1mega.policy import Policy
     from r1mega.rollout.base import SamplingParams
     from r1mega.rollout.megatron_engine import MegatronRolloutEngine
     from r1mega.rollout.sglang_engine import SGLangRolloutEngine
@@ -41,7 +41,7 @@ def main() -> None:
     cfg = probe_config()
     rt = init_runtime(cfg.parallel, 0, device="cuda")
     tok = CharTokenizer()
-    policy = Policy(cfg, rt, tok.vocab_size)
+    policy = MegatronEngine(cfg, rt, tok.vocab_size)
     with torch.no_grad():
         # a peaked distribution makes greedy paths differ by prompt (it also amplifies bf16 noise in the logits)
         policy.model.output_layer.weight.mul_(float(os.environ.get("SHARPEN", "30")))
@@ -65,7 +65,7 @@ def main() -> None:
 
     a = meg.generate(prompts, greedy)
     t0 = time.perf_counter()
-    sg = SGLangRolloutEngine(cfg, policy, tok, engine_kwargs={"mem_fraction_static": 0.3})
+    sg = SGLangRolloutEngine(cfg, policy.weights, tok, engine_kwargs={"mem_fraction_static": 0.3})
     t_start = time.perf_counter() - t0
     t0 = time.perf_counter()
     b = sg.generate(prompts, greedy)
@@ -75,7 +75,7 @@ def main() -> None:
     sg.release_memory()
     freed = (torch.cuda.mem_get_info()[0] - free0) / 1e9
     t0 = time.perf_counter()
-    sg.update_weights(policy)
+    sg.update_weights(policy.weights)
     t_push = time.perf_counter() - t0
     sg.resume_memory()
     compare("after release/update/resume", b, sg.generate(prompts, greedy))
@@ -84,7 +84,7 @@ def main() -> None:
         for p in policy.model.decoder.layers[1].mlp.parameters():
             p.add_(0.01 * torch.randn_like(p))
     sg.release_memory()
-    sg.update_weights(policy)
+    sg.update_weights(policy.weights)
     sg.resume_memory()
     compare("after a weight change", meg.generate(prompts, greedy), sg.generate(prompts, greedy))
     sg.shutdown()

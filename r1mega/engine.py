@@ -1,0 +1,228 @@
+"""The megatron training engine: policy + DDP + distributed optimizer + reference model + pipeline driver.
+
+It knows nothing about any loss: :meth:`MegatronEngine.forward_backward` runs one optimizer step of whatever
+:class:`~r1mega.objectives.base.Objective` it is given, :meth:`MegatronEngine.forward_only` runs a function
+of the logits without gradients. Every forward pass goes through megatron's pipeline schedules
+(``get_forward_backward_func``), so the same code runs with any TP / PP / EP / DP layout: log-probs and
+losses exist on the last pipeline stage, and :meth:`MegatronEngine.reduce_metrics` brings their metric sums
+to every rank.
+
+megatron is imported at the top here: this module is only imported once the runtime is being set up (see
+the import rule in :mod:`r1mega.parallel.runtime`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from r1mega.batch import TokenBatch
+from r1mega.config import Config
+from r1mega.grpo.logprobs import token_logprobs
+from r1mega.model.builder import build_gpt_model, padded_vocab_size
+from r1mega.objectives.base import Objective
+from r1mega.parallel.runtime import Runtime
+from r1mega.rollout.base import HFWeights
+
+Microbatch = dict[str, torch.Tensor]
+
+
+class MegatronEngine:
+    def __init__(self, cfg: Config, runtime: Runtime, vocab_size: int) -> None:
+        self.cfg, self.runtime = cfg, runtime
+        self.device = runtime.device
+        self.vocab_size = vocab_size
+        self.padded_vocab = padded_vocab_size(vocab_size, cfg.model, cfg.parallel.tp)
+        self.model = build_gpt_model(cfg.model, cfg.parallel, cfg.train, vocab_size, self.device)
+        tcfg = self.model.config
+        self.ddp = DistributedDataParallel(
+            config=tcfg,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+                use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+            ),
+            module=self.model,
+        )
+        # finalize_model_grads: DP/TP/PP grad reductions, the per-token-loss normalisation, and the
+        # aux-loss-free router expert-bias update (DeepSeek-V3) from the step's expert loads.
+        tcfg.finalize_model_grads_func = finalize_model_grads
+        o = cfg.optim
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=o.lr,
+                min_lr=o.min_lr,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1,
+                adam_beta2=o.adam_beta2,
+                adam_eps=o.adam_eps,
+                clip_grad=o.clip_grad,
+                bf16=cfg.train.precision == "bf16",
+                params_dtype=tcfg.params_dtype,
+                use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+            ),
+            [self.ddp],
+        )
+        self.ref_model = None
+        if cfg.algo.beta > 0:  # the KL term needs a frozen reference
+            self.ref_model = build_gpt_model(cfg.model, cfg.parallel, cfg.train, vocab_size, self.device)
+            self.ref_model.requires_grad_(False)
+            self.reset_reference()
+        self._mask_cache: dict[int, torch.Tensor] = {}
+        # The weights rollout engines pull after each update, as (HF name, tensor): they never see the model.
+        self.weights = HFWeights(self.model, cfg.model, vocab_size)
+
+    # ------------------------------------------------------------------ pipeline driver
+    @property
+    def is_last_stage(self) -> bool:
+        return parallel_state.is_pipeline_last_stage()
+
+    @property
+    def seq_multiple(self) -> int:
+        """Sequence lengths must be a multiple of this (sequence parallelism splits S over TP ranks)."""
+        return self.cfg.parallel.tp if self.model.config.sequence_parallel else 1
+
+    def _attention_mask(self, s: int) -> torch.Tensor | None:
+        """Causal mask for megatron's local attention (True = masked); TE builds its own."""
+        if self.device.type == "cuda":
+            return None
+        if s not in self._mask_cache:
+            self._mask_cache[s] = torch.ones(1, 1, s, s, dtype=torch.bool, device=self.device).triu(1)
+        return self._mask_cache[s]
+
+    def _microbatches(self, batch: TokenBatch) -> list[Microbatch]:
+        mbs = self.cfg.train.micro_batch_size
+        fields = batch.fields()
+        n = batch.size
+        out = []
+        for start in range(0, n, mbs):
+            mb = {k: v[start : start + mbs].to(self.device, non_blocking=True) for k, v in fields.items()}
+            short = mbs - mb["tokens"].shape[0]
+            if short > 0 and n > mbs:  # pipeline schedules need equal microbatch shapes: pad with masked rows
+                mb = {k: torch.cat([v, v.new_zeros((short, *v.shape[1:]))]) for k, v in mb.items()}
+            out.append(mb)
+        return out
+
+    def _run(self, model, microbatches: list[Microbatch], loss_fn: Callable, forward_only: bool) -> list[dict]:
+        s = microbatches[0]["tokens"].shape[1]
+        mask = self._attention_mask(s)
+        pos = torch.arange(s, device=self.device).unsqueeze(0)
+
+        def forward_step(data_iterator, m):
+            mb = next(data_iterator)
+            out = m(mb["tokens"], pos.expand_as(mb["tokens"]), mask)
+            return out, partial(loss_fn, mb)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(microbatches),
+            model=[model],
+            num_microbatches=len(microbatches),
+            seq_length=s,
+            micro_batch_size=microbatches[0]["tokens"].shape[0],
+            forward_only=forward_only,
+        )
+
+    # ------------------------------------------------------------------ forward passes
+    @torch.no_grad()
+    def forward_only(
+        self, batch: TokenBatch, fn: Callable[[Microbatch, torch.Tensor], dict[str, torch.Tensor]], reference=False
+    ) -> dict[str, torch.Tensor] | None:
+        """``fn(microbatch, logits)`` -> per-row tensors, concatenated over the batch's rows.
+
+        The policy (or the reference) runs in eval mode. None on pipeline stages other than the last.
+        """
+        model = self.ref_model if reference else self.ddp
+
+        def loss_fn(mb, logits):
+            return logits.new_zeros(()), torch.tensor(1, dtype=torch.int), fn(mb, logits)
+
+        was_training = model.training
+        model.eval()
+        try:
+            outs = self._run(model, self._microbatches(batch), loss_fn, forward_only=True)
+        finally:
+            model.train(was_training)
+        if not self.is_last_stage:
+            return None
+        return {k: torch.cat([o[k] for o in outs])[: batch.size] for k in outs[0]}
+
+    def compute_logprobs(
+        self, batch: TokenBatch, temperature: float, reference: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs, entropy) [B, S-1] of the batch's tokens at ``temperature``, under the policy or the reference.
+
+        Only meaningful on the last pipeline stage (zeros elsewhere): that is where the loss runs.
+        """
+
+        def fn(mb, logits):
+            logp, ent = token_logprobs(logits[:, :-1], mb["tokens"][:, 1:], temperature, with_entropy=True)
+            return {"logp": logp, "entropy": ent}
+
+        out = self.forward_only(batch, fn, reference)
+        if out is None:
+            z = torch.zeros(*batch.mask.shape, device=self.device)
+            return z, z.clone()
+        return out["logp"], out["entropy"]
+
+    def forward_backward(self, batch: TokenBatch, objective: Objective, lr: float) -> dict[str, float]:
+        """One optimizer step of ``objective`` over ``batch`` (all its microbatches); metric sums over all ranks.
+
+        Returns ``loss`` (summed loss / summed denominator), ``grad_norm``, ``update_ok`` and the objective's
+        metric sums; or ``{"skipped": 1.0}`` when no rank has a loss token (e.g. DAPO dropped every group):
+        there is nothing to learn, and megatron would divide by a zero token count.
+        """
+        if not self.reduce_metrics({"tokens": float(batch.mask.sum())})["tokens"]:
+            return {"skipped": 1.0}
+
+        def loss_fn(mb, logits):
+            loss_sum, denom, metrics = objective.loss(mb, logits)
+            metrics = {**metrics, "loss_sum": loss_sum.detach(), "denom": denom}
+            return loss_sum, denom.to(torch.int), metrics
+
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outs = self._run(self.ddp, self._microbatches(batch), loss_fn, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        sums = {k: sum(float(o[k]) for o in outs) for k in outs[0]} if outs else {}
+        sums = self.reduce_metrics(sums)
+        if sums.get("denom"):
+            sums["loss"] = sums.pop("loss_sum") / sums.pop("denom")
+        sums["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        sums["update_ok"] = float(bool(ok))
+        return sums
+
+    # ------------------------------------------------------------------ collectives and bookkeeping
+    def reduce_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Sum metric sums over data-parallel ranks and bring them from the last pipeline stage to all."""
+        pp = parallel_state.get_pipeline_model_parallel_group()
+        if dist.get_world_size(pp) > 1:  # earlier stages have no loss outputs, not even the keys
+            box = [sums]
+            dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pp)
+            sums = box[0]
+        keys = sorted(sums)
+        t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dp = parallel_state.get_data_parallel_group()
+        if keys and dist.get_world_size(dp) > 1:
+            dist.all_reduce(t, group=dp)
+        return dict(zip(keys, t.tolist()))
+
+    def reduce_max(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
+    def reset_reference(self) -> None:
+        """Copy the current policy weights into the reference model (R1-Zero: every 400 steps)."""
+        if self.ref_model is not None:
+            self.ref_model.load_state_dict(self.model.state_dict(), strict=True)

@@ -1,0 +1,45 @@
+"""``EvalConfig``: the ``eval`` section of the typed config (r1mega-eval, and evaluation during training)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from r1mega.config_checks import ConfigError, _check, _in_range
+
+EvalTemplate = Literal[None, "r1_zero", "compact", "chat"]
+
+
+@dataclass
+class EvalConfig:
+    """R1's protocol by default (arXiv 2501.12948, sec. 3.1): k answers per problem at temperature 0.6, top-p
+    0.95; pass@1 = mean correctness over the k answers, cons@k = majority vote, pass@k' by the unbiased (Codex)
+    estimator. See r1mega/eval/."""
+
+    # shipped sets (gsm8k math500 aime24 aime25 amc23), "heldout" (data.*'s held-out problems), or .jsonl paths
+    sets: list[str] = field(default_factory=lambda: ["gsm8k", "math500", "aime24", "aime25", "amc23"])
+    question_key: str = "question"  # fields of a user's .jsonl set (shipped sets know their own)
+    answer_key: str = "answer"
+    limit: int = 0  # evaluate the first N problems of each set; 0 = all
+    k: int = 16  # sampled answers per problem (R1: 64 for AIME; 16 here)
+    pass_at: list[int] = field(default_factory=list)  # k' of the pass@k' columns; empty = 1, 2, 4, ... and k
+    greedy: bool = False  # one greedy answer per problem instead (k and the sampling fields are ignored)
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0  # 0 = off
+    max_new_tokens: Optional[int] = None  # None = rollout.sampling.max_new_tokens (R1: 32768)
+    template: Optional[str] = None  # r1_zero | compact | chat (+ a \boxed{} instruction); None = data.template
+    seed: int = 0
+    chunk_problems: int = 256  # problems per engine call (each with its k samples); the progress bar steps per call
+    output: Optional[str] = None  # the per-problem results JSON; None = <logging.out_dir>/eval.json
+    save_responses: bool = True  # keep every response text in the JSON (large for long answers)
+
+    def __post_init__(self) -> None:
+        _check(self, "eval", positive="k temperature chunk_problems max_new_tokens", nonneg="limit top_k",
+               choices={"template": EvalTemplate})  # fmt: skip
+        _in_range(self, "eval", "top_p", "(0, 1]")
+        if not self.sets:
+            raise ConfigError("eval.sets is empty; name at least one set, e.g. eval.sets=[gsm8k]")
+        bad = [p for p in self.pass_at if not 1 <= p <= self.k]
+        if bad and not self.greedy:
+            raise ConfigError(f"eval.pass_at={list(self.pass_at)}: {bad} not in [1, eval.k={self.k}]")
