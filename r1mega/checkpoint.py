@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from r1mega.procs import children_die_with_parent, die_with_parent
+
 # The optimizer state is saved in megatron's canonical per-parameter form, so a run can resume under
 # another parallel layout (the default "fully_sharded_model_space" format cannot be saved in 0.16.1).
 _OPTIM_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -55,6 +57,34 @@ def _set_adam_steps(policy, steps: list[float | None]) -> None:
                 )
 
 
+_writer_manager = None  # the multiprocessing Manager behind megatron's checkpoint-writer result queue
+
+
+def _dist_save(sharded_state_dict, path: str) -> None:
+    """``dist_checkpointing.save`` whose helper processes die with the trainer.
+
+    megatron's torch_dist writer forks one writer process per file for each save, and passes their results
+    through a ``multiprocessing.Manager().Queue()`` that it starts lazily: a spawned server process (~300 MB)
+    that nothing stops when the trainer is killed. megatron offers no hook for either, so the Manager is started
+    here (its server armed with a parent-death signal) and stored where megatron looks for it, and the writers
+    are forked under :func:`r1mega.procs.children_die_with_parent`. A normal exit shuts the Manager down
+    (multiprocessing's exit handler).
+    """
+    global _writer_manager
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        import multiprocessing as mp
+        from multiprocessing.managers import SyncManager
+
+        _writer_manager = SyncManager(ctx=mp.get_context("spawn"))
+        _writer_manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+        filesystem_async._results_queue = _writer_manager.Queue()
+    with children_die_with_parent():
+        dist_checkpointing.save(sharded_state_dict, path)
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -62,13 +92,12 @@ def _barrier() -> None:
 
 def save_model(model, path: str | os.PathLike) -> None:
     """Model weights only, as a sharded checkpoint directory (collective: call on every rank)."""
-    from megatron.core import dist_checkpointing
 
     path = Path(path)
     if dist.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
     _barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(path))
+    _dist_save(model.sharded_state_dict(), str(path))
     _barrier()
 
 
@@ -87,7 +116,6 @@ def load_model(model, path: str | os.PathLike) -> None:
 
 def save_checkpoint(save_dir: str, step: int, policy) -> Path:
     """Model + optimizer + trainer state for step ``step``; returns the final directory."""
-    from megatron.core import dist_checkpointing
 
     root = Path(save_dir)
     final = root / f"step_{step:06d}"
@@ -98,12 +126,12 @@ def save_checkpoint(save_dir: str, step: int, policy) -> Path:
         (tmp / "optim").mkdir()
     _barrier()
     model_sd = policy.model.sharded_state_dict()
-    dist_checkpointing.save(model_sd, str(tmp / "model"))
-    dist_checkpointing.save(_optimizer_state(policy, is_loading=False), str(tmp / "optim"))
+    _dist_save(model_sd, str(tmp / "model"))
+    _dist_save(_optimizer_state(policy, is_loading=False), str(tmp / "optim"))
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     torch.save({"step": step, "rng": rng, "adam_steps": _adam_steps(policy)}, tmp / f"trainer_rank{dist.get_rank()}.pt")
     if policy.ref_model is not None:
-        dist_checkpointing.save(policy.ref_model.sharded_state_dict(), str(_mkdir0(tmp / "ref")))
+        _dist_save(policy.ref_model.sharded_state_dict(), str(_mkdir0(tmp / "ref")))
     _barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
