@@ -5,11 +5,17 @@ RNG states). It is written to ``step_000123.tmp`` and renamed only once every ra
 ``latest`` file is then replaced atomically, so a crash mid-save never leaves a checkpoint that looks
 complete. Loading a model-only checkpoint into another TP / PP / EP layout is how the parallel tests
 give every layout the same weights.
+
+A model with a non-finite weight is never saved (``latest`` keeps pointing at the last finite checkpoint);
+``train.keep_last`` keeps only the newest checkpoints; a checkpoint of another model shape is refused with the
+tensor, both shapes and the fix instead of megatron's raw shape-mismatch error.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -17,6 +23,8 @@ import torch
 import torch.distributed as dist
 
 from r1mega.procs import children_die_with_parent, die_with_parent
+
+logger = logging.getLogger(__name__)
 
 # The optimizer state is saved in megatron's canonical per-parameter form, so a run can resume under
 # another parallel layout (the default "fully_sharded_model_space" format cannot be saved in 0.16.1).
@@ -110,12 +118,95 @@ def load_model(model, path: str | os.PathLike) -> None:
         path = path / "model"
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check model.checkpoint / train.save_dir")
+    check_compatible(model, path)
     state = dist_checkpointing.load(model.sharded_state_dict(), str(path))
     model.load_state_dict(state, strict=False)  # TE's _extra_state entries may differ across layer specs
 
 
-def save_checkpoint(save_dir: str, step: int, policy) -> Path:
-    """Model + optimizer + trainer state for step ``step``; returns the final directory."""
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was written by a model of another shape; the message names the tensor and the fix."""
+
+
+def check_compatible(model, path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointMismatchError` unless the checkpoint at ``path`` holds exactly this model's tensors
+    with the same global shapes (collective: the tensor names are gathered over all ranks, since each pipeline /
+    expert rank holds only some of them)."""
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    sharded = model.sharded_state_dict()
+    apply_factories(sharded)  # e.g. SwiGLU's fc1 is saved as two tensors
+    expected = {t.key: tuple(t.global_shape) for t in nested_values(sharded) if isinstance(t, ShardedTensor)}
+    saved = {k: tuple(t.global_shape) for k, t in load_tensors_metadata(str(path)).items()}
+    everywhere = set(expected)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        names: list = [None] * dist.get_world_size()
+        dist.all_gather_object(names, sorted(expected))
+        everywhere = {k for n in names for k in n}
+    problems = [
+        f"{k}: saved {saved[k]} vs this model's {shape}"
+        for k, shape in expected.items()
+        if k in saved and saved[k] != shape
+    ]
+    problems += [f"{k} (shape {shape}) is not in the checkpoint" for k, shape in expected.items() if k not in saved]
+    problems += [
+        f"{k} (shape {saved[k]}) is in the checkpoint but not in this model" for k in sorted(set(saved) - everywhere)
+    ]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was written by a model of another shape: " + "; ".join(problems[:3]) + more + ". "
+            "Fix: run with the model.* settings of the run that wrote it (layers, hidden size, heads, experts, "
+            "vocabulary / tokenizer), or start from scratch: a new train.save_dir or train.resume=false "
+            "(for model.checkpoint: point it at a checkpoint of this model)"
+        )
+
+
+def model_is_finite(model) -> bool:
+    """True when every weight on every rank is finite (collective). One device sync per rank."""
+    params = [p for p in model.parameters()]
+    device = params[0].device if params else torch.device("cpu")
+    ok = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else torch.tensor(True)
+    bad = (~ok).to(device=device, dtype=torch.float32).reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
+
+
+def _non_finite_names(model, limit: int = 5) -> list[str]:
+    return [n for n, p in model.named_parameters() if not torch.isfinite(p).all()][:limit]
+
+
+def _prune(root: Path, keep_last: int, keep: Path) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (never ``keep``, the one ``latest`` names)."""
+    done = sorted(
+        (p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step_\d{6,}", p.name)),
+        key=lambda p: int(p.name[5:]),
+    )
+    for old in done[: max(0, len(done) - keep_last)]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(save_dir: str, step: int, policy, keep_last: int | None = None) -> Path | None:
+    """Model + optimizer + trainer state for step ``step``; returns the final directory.
+
+    Returns None, writing nothing, when a weight is non-finite on any rank (logged with the tensor names): a
+    NaN checkpoint would become ``latest`` and poison every resume. ``keep_last`` (default
+    ``policy.cfg.train.keep_last``; 0 = all) bounds how many checkpoints stay in ``save_dir``.
+    """
+    if not model_is_finite(policy.model):
+        logger.error(
+            "not saving step %d to %s: the model has non-finite weights (%s); latest still points at the last "
+            "finite checkpoint",
+            step,
+            save_dir,
+            ", ".join(_non_finite_names(policy.model)) or "on another rank",
+        )
+        return None
+    if keep_last is None:
+        keep_last = int(getattr(getattr(policy.cfg, "train", None), "keep_last", 0) or 0)
 
     root = Path(save_dir)
     final = root / f"step_{step:06d}"
@@ -139,6 +230,8 @@ def save_checkpoint(save_dir: str, step: int, policy) -> Path:
         latest_tmp = root / "latest.tmp"
         latest_tmp.write_text(final.name)
         os.replace(latest_tmp, root / "latest")
+        if keep_last > 0:
+            _prune(root, keep_last, final)
     _barrier()
     return final
 
@@ -164,6 +257,7 @@ def load_checkpoint(path: Path, policy) -> int:
     """Restore model, optimizer, reference and RNG from ``path``; returns the number of steps done."""
     from megatron.core import dist_checkpointing
 
+    check_compatible(policy.model, path / "model")  # before the optimizer, whose shapes would mismatch first
     # torch Adam creates its state lazily; megatron's loader needs it to exist (a zero-grad step,
     # megatron's own mechanism for this). Model weights are loaded after it, so it changes nothing.
     for opt in getattr(policy.optimizer, "chained_optimizers", [policy.optimizer]):

@@ -188,6 +188,7 @@ class TrainConfig:
     eval_samples: int = 1  # sampled answers per eval prompt (pass@1 estimate), plus one greedy
     save_every: int = 0
     save_dir: Optional[str] = None
+    keep_last: int = 0  # keep only the newest N checkpoints in save_dir, older ones are deleted (0 = keep all)
     resume: bool = True
     threads: int = 0  # torch intra-op threads per rank; 0 = leave as is
     max_minutes: float = 0.0  # stop RL after this wall time (0 = no limit)
