@@ -54,12 +54,14 @@ def run(cfg) -> dict[str, float]:
     from r1mega.parallel.runtime import dist_env_from_environ, init_runtime, shutdown_runtime
     from r1mega.policy import Policy
     from r1mega.rewards import RewardScorer
+    from r1mega.run_identity import RunIdentity
     from r1mega.sft import cold_start_sft
     from r1mega.tracking import Tracker
     from r1mega.trainer import GRPOTrainer, PromptSampler
 
     t_start = time.perf_counter()
     validate(cfg, world_size=dist_env_from_environ().world_size)
+    identity = RunIdentity(cfg.logging.out_dir, cfg.train.save_dir, enabled=dist_env_from_environ().rank == 0)
     runtime = init_runtime(cfg.parallel, cfg.train.seed, cfg.train.device, cfg.train.threads)
     console = Console(stderr=True, quiet=not runtime.is_main)
     tokenizer = build_tokenizer(cfg.model.tokenizer)
@@ -80,6 +82,7 @@ def run(cfg) -> dict[str, float]:
         cfg.logging.run_name,
         OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
         enabled=runtime.is_main,
+        run_id=identity.run_id,
     )
     engine = build_engine(cfg, policy, tokenizer)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
@@ -92,6 +95,7 @@ def run(cfg) -> dict[str, float]:
     elif cfg.model.checkpoint:
         load_model(policy.model, cfg.model.checkpoint)
         policy.reset_reference()
+    tracker.resume_from(start_step)
     with RewardScorer(cfg.reward) as scorer:
         trainer = GRPOTrainer(cfg, policy, engine, scorer, tokenizer, sampler)
         if cfg.sft.steps > 0 and resume_from is None:
@@ -142,6 +146,7 @@ def run(cfg) -> dict[str, float]:
         if path is not None:
             console.print(f"reward curve: {path}")
     tracker.finish()
+    identity.close()
     console.print(f"done in {summary['wall_s']:.0f} s; metrics in {cfg.logging.out_dir}/metrics.jsonl")
     engine.shutdown()
     shutdown_runtime()
