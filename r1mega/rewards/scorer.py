@@ -168,8 +168,9 @@ class RewardScorer:
             fast path cannot decide. Tests point it at a verifier that hangs or crashes. ``None`` verifies in the
             calling process instead (debugging only: no hard timeout).
         start_timeout_s: how long a worker may take to start before it counts as failed.
-        batch_timeout_s: optional cap on the worker phase of one :meth:`score` call; samples still unverified then
-            count as timeouts. ``None`` = no cap (each sample is still capped by ``cfg.timeout_s``).
+        batch_timeout_s: cap on the worker phase of one :meth:`score` call; samples still unverified then count as
+            timeouts. ``None`` = ``cfg.batch_timeout_s`` (default 20 s); 0 = no cap (each sample is still capped by
+            ``cfg.timeout_s``, so n distinct pathological answers cost n x timeout_s / num_workers).
         cache_size: (pred, gold) verdicts kept across calls, timeouts included (a pathological answer repeated by
             the policy then costs one timeout, not one per step); 0 disables.
         think_in_prompt: passed to :func:`format_reward` (for templates whose prompt ends with ``<think>``).
