@@ -82,7 +82,7 @@ def _dist_save(sharded_state_dict, path: str) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if filesystem_async._results_queue is None:
+    if getattr(filesystem_async, "_results_queue", False) is None:  # megatron-core 0.16's lazy global
         import multiprocessing as mp
         from multiprocessing.managers import SyncManager
 
