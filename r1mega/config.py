@@ -258,7 +258,9 @@ class RewardConfig:
     accuracy_weight: float = 1.0
     format_weight: float = 1.0
     timeout_s: float = 5.0  # hard per-sample limit; a timed-out sample scores 0 and is counted
-    batch_timeout_s: Optional[float] = None  # cap on one step's verification (many pathological answers)
+    # cap on one step's verification: answers still unverified then score 0 and count as reward/timeouts.
+    # Without it, 16 distinct pathological answers cost 16 x timeout_s + restarts (89 s on one worker). None = no cap
+    batch_timeout_s: Optional[float] = 20.0
     num_workers: int = 2  # verifier processes per rank, started on the first non-integer answer
     think_in_prompt: bool = False  # the template ends with "<think>": the response starts inside it
 
@@ -350,6 +352,7 @@ class TrainConfig:
     eval_samples: int = 1  # sampled answers per eval prompt (pass@1 estimate), plus one greedy
     save_every: int = 0
     save_dir: Optional[str] = None
+    keep_last: int = 0  # keep only the newest N checkpoints in save_dir, older ones are deleted (0 = keep all)
     resume: bool = True
     threads: int = 0  # torch intra-op threads per rank; 0 = leave as is
     max_minutes: float = 0.0  # stop RL after this wall time (0 = no limit)

@@ -1,9 +1,16 @@
-"""Run tracking: wandb (offline by default), a JSONL history, and the reward-curve plot."""
+"""Run tracking: wandb (offline by default), a JSONL history, and the reward-curve plot.
+
+With a ``run_id`` (:mod:`r1mega.run_identity`) every metrics row carries it, and wandb continues the run of that
+id (``resume="allow"``): a resumed or requeued job logs into the same wandb run and the same metrics.jsonl.
+:meth:`Tracker.resume_from` drops the rows of steps the checkpoint does not contain, and a row whose step was
+already logged (same step, same kind: train or eval) is skipped, so the file holds every step once.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,26 +19,71 @@ class Tracker:
     """Logs on the main rank only; other ranks get a no-op tracker."""
 
     def __init__(
-        self, out_dir: str, mode: str, project: str, run_name: str | None, config: dict[str, Any], enabled: bool = True
+        self,
+        out_dir: str,
+        mode: str,
+        project: str,
+        run_name: str | None,
+        config: dict[str, Any],
+        enabled: bool = True,
+        run_id: str | None = None,
     ) -> None:
         self.enabled = enabled
         self.out_dir = Path(out_dir)
+        self.run_id = run_id
         self.history: list[dict[str, float]] = []
+        self._logged: set[tuple[int, str]] = set()  # (step, kind) rows in metrics.jsonl
         self.run = None
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (self.out_dir / "metrics.jsonl").open("a")
+        self._path = self.out_dir / "metrics.jsonl"
+        self._jsonl = self._path.open("a")
         if mode != "disabled":
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.run = wandb.init(project=project, name=run_name, mode=mode, dir=str(self.out_dir), config=config)
+            ids = {"id": run_id, "resume": "allow"} if run_id else {}
+            self.run = wandb.init(
+                project=project, name=run_name, mode=mode, dir=str(self.out_dir), config=config, **ids
+            )
+
+    @staticmethod
+    def _kind(row: dict) -> str:
+        return "eval" if any(k.startswith("eval/") for k in row) else "train"
+
+    def resume_from(self, steps_done: int) -> None:
+        """Continue metrics.jsonl for a run whose checkpoint holds ``steps_done`` steps (call before logging).
+
+        Rows of later steps (logged by an attempt that died after that checkpoint) are dropped: they are about to
+        be computed again. ``steps_done=0`` is a fresh start: an earlier file is moved aside, not mixed in.
+        """
+        if not self.enabled or not self._path.is_file() or self._path.stat().st_size == 0:
+            return
+        self._jsonl.close()
+        if steps_done == 0:
+            aside = self._path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            os.replace(self._path, aside)
+            self.history, self._logged = [], set()
+        else:
+            rows = [json.loads(x) for x in self._path.read_text().splitlines() if x.strip()]
+            kept = [r for r in rows if r["step"] <= steps_done]
+            if len(kept) != len(rows):
+                tmp = self._path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                os.replace(tmp, self._path)
+            self.history = kept
+            self._logged = {(r["step"], self._kind(r)) for r in kept}
+        self._jsonl = self._path.open("a")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **metrics}
+        row = {"step": step, **({"run_id": self.run_id} if self.run_id else {}), **metrics}
+        key = (step, self._kind(row))
+        if key in self._logged:
+            return  # this step was logged by an earlier attempt of the run
+        self._logged.add(key)
         self.history.append(row)
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()

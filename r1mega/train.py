@@ -42,15 +42,19 @@ def run(cfg) -> dict[str, float]:
     from r1mega.parallel.runtime import dist_env_from_environ, init_runtime, shutdown_runtime
     from r1mega.registry import ADVANTAGES, LOSSES
     from r1mega.rollout import rollout_engine_class
+    from r1mega.run_identity import RunIdentity
 
     t_start = time.perf_counter()
     validate(cfg, world_size=dist_env_from_environ().world_size)
     LOSSES.get(cfg.algo.loss), ADVANTAGES.get(cfg.algo.advantage), rollout_engine_class(cfg)  # plug-ins import
-    with ExitStack() as teardown:  # unwinds in reverse on any exit: engine, scorer, tracker, runtime
+    with ExitStack() as teardown:  # unwinds in reverse on any exit: engine, scorer, tracker, runtime, run lock
+        identity = RunIdentity(cfg.logging.out_dir, cfg.train.save_dir, enabled=dist_env_from_environ().rank == 0)
+        teardown.callback(identity.close)
         runtime = init_runtime(cfg.parallel, cfg.train.seed, cfg.train.device, cfg.train.threads)
         teardown.callback(shutdown_runtime)
-        r = _build(cfg, runtime, teardown)
+        r = _build(cfg, runtime, teardown, identity.run_id)
         start_step = _resume_or_init(cfg, r)
+        r.tracker.resume_from(start_step)  # a resumed run continues metrics.jsonl without duplicate steps
         before = _before_rl(cfg, r, start_step)
         _rl_loop(cfg, r, start_step)
         after = r.trainer.evaluate(r.eval_set, cfg.train.eval_samples)
@@ -81,7 +85,7 @@ class _Run:
     tokenizer: Any
 
 
-def _build(cfg, runtime, teardown: ExitStack) -> _Run:
+def _build(cfg, runtime, teardown: ExitStack, run_id: str) -> _Run:
     from megatron.core import parallel_state
     from omegaconf import OmegaConf
     from rich.console import Console
@@ -106,7 +110,9 @@ def _build(cfg, runtime, teardown: ExitStack) -> _Run:
     )
     lg = cfg.logging
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    tracker = Tracker(lg.out_dir, lg.wandb_mode, lg.project, lg.run_name, config_dict, enabled=runtime.is_main)
+    tracker = Tracker(
+        lg.out_dir, lg.wandb_mode, lg.project, lg.run_name, config_dict, enabled=runtime.is_main, run_id=run_id
+    )
     teardown.callback(tracker.finish)
     engine = build_rollout_engine(cfg, policy.weights, tokenizer)
     teardown.callback(engine.shutdown)

@@ -4,7 +4,6 @@ optimizer -> weight sync. Everything here is orchestration; each stage's logic l
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field
 
@@ -13,6 +12,7 @@ from megatron.core import parallel_state
 
 from r1mega.batch import TokenBatch, pad_rows
 from r1mega.config import Config
+from r1mega.data.sampler import PromptSampler
 from r1mega.data.tasks import Problem, encode_prompt
 from r1mega.engine import MegatronEngine
 from r1mega.grpo.advantages import informative_groups
@@ -39,28 +39,6 @@ class StepTimer:
                 timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
 
         return _Stage()
-
-
-class PromptSampler:
-    """This data-parallel rank's prompts for each step: an epoch-wise shuffle, resumable by step index."""
-
-    def __init__(self, problems: list[Problem], per_step: int, dp_rank: int, dp_size: int, seed: int) -> None:
-        if per_step % dp_size:
-            raise ValueError(
-                f"rollout.prompts_per_step={per_step} must be divisible by the data-parallel size {dp_size}"
-            )
-        self.problems, self.per_rank, self.dp_rank, self.seed = problems, per_step // dp_size, dp_rank, seed
-        self.per_step = per_step
-
-    def batch(self, step: int) -> list[Problem]:
-        start = step * self.per_step
-        out = []
-        for k in range(start + self.dp_rank * self.per_rank, start + (self.dp_rank + 1) * self.per_rank):
-            epoch, i = divmod(k, len(self.problems))
-            order = list(range(len(self.problems)))
-            random.Random(self.seed + epoch).shuffle(order)
-            out.append(self.problems[order[i]])
-        return out
 
 
 def build_token_batch(rollouts: list[Rollout], pad_id: int, multiple: int) -> TokenBatch:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.test_trainer import small_config
@@ -64,3 +65,56 @@ def test_interrupted_save_is_invisible(tmp_path):
     (tmp_path / "step_000002").mkdir()
     (tmp_path / "latest").write_text("step_000002")
     assert latest_checkpoint(str(tmp_path)).name == "step_000002"
+
+
+def test_keep_last_non_finite_model_and_shape_mismatch(tmp_path):
+    """keep_last retention; a NaN model is not saved and `latest` stays on the last finite checkpoint; resuming
+    into another model shape names the checkpoint, the tensor, both shapes and the fix (was a raw exception)."""
+    from r1mega.checkpoint import (
+        CheckpointMismatchError,
+        latest_checkpoint,
+        load_checkpoint,
+        load_model,
+        model_is_finite,
+        save_checkpoint,
+    )
+    from r1mega.data.tokenizer import CharTokenizer
+    from r1mega.engine import MegatronEngine
+    from r1mega.parallel.runtime import init_runtime, shutdown_runtime
+
+    cfg = small_config()
+    cfg.train.keep_last = 2
+    rt = init_runtime(cfg.parallel, seed=3, device="cpu")
+    try:
+        policy = MegatronEngine(cfg, rt, CharTokenizer().vocab_size)
+        for opt in getattr(policy.optimizer, "chained_optimizers", [policy.optimizer]):
+            opt._init_optimizer_states_with_dummy_values()  # Adam state exists (as after a first step)
+
+        for step in range(4):
+            save_checkpoint(str(tmp_path), step, policy, keep_last=0 if step == 0 else None)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000002", "step_000003"]
+        assert latest_checkpoint(str(tmp_path)).name == "step_000003"
+
+        with torch.no_grad():
+            next(policy.model.parameters())[0, 0] = float("nan")
+        assert not model_is_finite(policy.model)
+        assert save_checkpoint(str(tmp_path), 4, policy) is None
+        assert latest_checkpoint(str(tmp_path)).name == "step_000003" and not (tmp_path / "step_000004").exists()
+        assert not list(tmp_path.glob("*.tmp"))
+
+        other = small_config()
+        other.model.hidden_size = 32
+        small = MegatronEngine(other, rt, CharTokenizer().vocab_size)
+        with pytest.raises(CheckpointMismatchError) as e:
+            load_checkpoint(tmp_path / "step_000003", small)
+        msg = str(e.value)
+        assert f"checkpoint {tmp_path / 'step_000003' / 'model'} was written by a model of another shape" in msg
+        assert "embedding.word_embeddings.weight: saved (128, 64) vs this model's (128, 32)" in msg, msg
+        assert "train.resume=false" in msg
+        deeper = small_config()
+        deeper.model.num_layers = 4
+        layers = r"decoder\.layers\.\S+: saved \(2, .*\) vs this model's \(4, "  # layers are stacked on axis 0
+        with pytest.raises(CheckpointMismatchError, match=layers):
+            load_model(MegatronEngine(deeper, rt, CharTokenizer().vocab_size).model, tmp_path / "step_000003")
+    finally:
+        shutdown_runtime()

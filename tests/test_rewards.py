@@ -454,3 +454,25 @@ def test_inline_verification_without_workers():
     with RewardScorer(_cfg(), verify_fn=None) as scorer:
         batch = scorer.score([_resp("\\frac{1}{2}"), _resp("\\frac{1}{3}")], ["0.5", "0.5"])
         assert batch.accuracy == [1.0, 0.0] and scorer.num_live_workers == 0
+
+
+def test_sixteen_distinct_pathological_answers_are_bounded_by_default():
+    """Issue 14: 16 distinct power towers (sympy evaluates b^(b^b): hundreds of millions of digits) in one call took
+    89 s with one worker, 16 x timeout_s, because reward.batch_timeout_s was unset. The default config now caps a
+    call; the samples left count as timeouts and the scorer stays usable."""
+    from r1mega.config import RewardConfig
+
+    cfg = RewardConfig(num_workers=1)  # the embedded default's worker count (conf/config.yaml)
+    assert cfg.batch_timeout_s is not None and cfg.batch_timeout_s < 16 * cfg.timeout_s
+    towers = [_resp(f"{b}^{{{b}^{{{b}}}}}") for b in range(9, 25)]
+    with RewardScorer(cfg) as scorer:
+        scorer.start(wait=True)
+        t0 = time.monotonic()
+        batch = scorer.score(towers, ["\\frac{1}{2}"] * 16)
+        elapsed = time.monotonic() - t0
+        assert elapsed < cfg.batch_timeout_s + 5.0, elapsed  # vs 16 x 5 s + restarts without the cap
+        assert batch.accuracy == [0.0] * 16 and batch.num_timeouts == 16 and batch.num_errors == 0
+        verified = scorer.num_verified
+        after = scorer.score([towers[0], _resp("\\frac{2}{4}")], ["\\frac{1}{2}", "\\frac{1}{2}"])
+        assert after.accuracy == [0.0, 1.0] and after.num_timeouts == 1
+        assert scorer.num_verified == verified + 1  # the tower's verdict is remembered, not re-run

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -291,3 +292,74 @@ exit $rc
     assert [r["step"] for r in rows] == [0, 1, 1], rows
     assert "reward/mean" in rows[1] and "train/loss" in rows[1]
     assert "eval/greedy_accuracy" in rows[0] and "eval/greedy_accuracy" in rows[2]
+
+
+def _submit(env, out_dir: Path, *args: str) -> str:
+    cmd = ["sbatch", "--parsable", "--ntasks=2", "--time=10", "--job-name=r1mega-test", "--open-mode=append",
+           f"--output={out_dir}/slurm-%j.out", str(CPU_SBATCH), *args]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    job = r.stdout.strip().split(";")[0]
+    assert r.returncode == 0 and job.isdigit(), f"sbatch did not submit: {r.stdout!r} {r.stderr!r}"
+    return job
+
+
+def _wait_for(pred, what: str, timeout: float, log: Path) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            tail = log.read_text()[-3000:] if log.exists() else ""
+            pytest.fail(f"{what} not seen in {timeout} s; job output:\n{tail}")
+        time.sleep(0.3)
+
+
+def test_sbatch_forwards_usr1_to_every_task_and_requeue_restarts_the_job(slurm_env, tmp_path):
+    """slurm/train.sbatch: the batch shell forwards SIGUSR1 (what --signal=B:USR1@N sends it before the time limit;
+    `scancel --batch --signal=USR1` sends the same) to every task; `scontrol requeue` brings the job back under the
+    same job id with SLURM_RESTART_COUNT=1 (the trainer then resumes from its checkpoint: phase B)."""
+    header = TRAIN_SBATCH.read_text()
+    assert "#SBATCH --requeue" in header and re.search(r"#SBATCH --signal=B:USR1@\d+", header)
+    record = tmp_path / "ranks.txt"
+    fake_python = _write_exe(
+        tmp_path / "fake_python",
+        f"""#!/bin/bash
+r=${{SLURM_RESTART_COUNT:-0}}
+echo "start rank=$SLURM_PROCID restart=$r" >> {record}
+trap 'echo "usr1 rank=$SLURM_PROCID restart=$r" >> {record}; exit 0' USR1
+trap 'echo "term rank=$SLURM_PROCID restart=$r" >> {record}; exit 143' TERM
+[ "$r" -gt 0 ] && {{ echo "done rank=$SLURM_PROCID restart=$r" >> {record}; exit 0; }}
+for i in $(seq 900); do sleep 0.1; done
+""",
+    )
+    env = {**slurm_env, "R1MEGA_PYTHON": str(fake_python)}
+
+    def lines(word: str) -> list[str]:
+        return sorted(x for x in (record.read_text().splitlines() if record.exists() else []) if x.startswith(word))
+
+    job = _submit(env, tmp_path, "train.steps=1")
+    log = tmp_path / f"slurm-{job}.out"
+    _wait_for(lambda: len(lines("start")) == 2, "both tasks started", 90, log)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True, timeout=30)
+    _wait_for(lambda: "finished with exit status" in (log.read_text() if log.exists() else ""), "job end", 60, log)
+    assert lines("usr1") == ["usr1 rank=0 restart=0", "usr1 rank=1 restart=0"], record.read_text()
+    text = log.read_text()
+    assert "batch shell got SIGUSR1; forwarding it to the tasks" in text and "finished with exit status 0" in text
+
+    record.unlink()
+    job = _submit(env, tmp_path, "train.steps=1")
+    log = tmp_path / f"slurm-{job}.out"
+    _wait_for(lambda: len(lines("start")) == 2, "both tasks started", 90, log)
+    subprocess.run(["scontrol", "requeue", job], env=env, check=True, timeout=30)
+
+    # Slurm holds a requeued job back ~2 minutes (BeginTime, set once the job is pending again); make it eligible
+    def pending_on_begin_time() -> bool:
+        show = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True, timeout=30)
+        return "JobState=PENDING" in show.stdout and "Reason=BeginTime" in show.stdout
+
+    _wait_for(pending_on_begin_time, "the requeued job pending", 60, log)
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True, timeout=30)
+    _wait_for(lambda: len(lines("done")) == 2, "the requeued job", 90, log)
+    assert lines("term") == ["term rank=0 restart=0", "term rank=1 restart=0"]
+    assert lines("start") == [f"start rank={r} restart={n}" for r in (0, 1) for n in (0, 1)]
+    assert lines("done") == ["done rank=0 restart=1", "done rank=1 restart=1"]
+    text = log.read_text()
+    assert f"job {job} on 1 node(s)" in text and "restart 1;" in text and f"runs/r1mega-test-{job}" in text

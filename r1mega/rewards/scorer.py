@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
+from r1mega.procs import die_with_parent
+
 from .format import format_reward
 from .math import MAX_ANSWER_CHARS, extract_answer, fast_equivalent, is_equivalent
 
@@ -79,20 +81,15 @@ def _load_fn(path: str):
     return obj
 
 
-def _worker_main(conn, verify_fn: str, parent_pid: int) -> None:
+def _worker_main(conn, verify_fn: str, parent_pid: int, lifeline) -> None:
     """Worker loop: receive ``[(key, pred, gold), ...]``, send ``(key, ok, value)`` back for each item, in order.
 
     The parent owns the timeout (it kills this process), so math-verify's own alarm is switched off here.
-    A watchdog thread exits if the parent dies, so a worker stuck in sympy is not orphaned.
+    The worker dies with its parent through the kernel (:func:`r1mega.procs.die_with_parent`: a parent-death
+    signal and the ``lifeline`` pipe), not a watchdog thread: a worker busy in big-integer arithmetic holds
+    the GIL for minutes, and such a thread would never run.
     """
-
-    def watchdog() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent_pid:
-                os._exit(0)
-
-    threading.Thread(target=watchdog, daemon=True, name="parent-watchdog").start()
+    die_with_parent(parent_pid, lifeline.fileno())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it stops the workers
     try:
         from r1mega.rewards import math as rmath
@@ -123,11 +120,12 @@ def _worker_main(conn, verify_fn: str, parent_pid: int) -> None:
 
 
 class _Worker:
-    __slots__ = ("proc", "conn", "ready", "started", "inflight", "deadline", "dead")
+    __slots__ = ("proc", "conn", "lifeline", "ready", "started", "inflight", "deadline", "dead")
 
-    def __init__(self, proc, conn) -> None:
+    def __init__(self, proc, conn, lifeline) -> None:
         self.proc = proc
         self.conn = conn
+        self.lifeline = lifeline  # write end of the worker's lifeline pipe: never written, closed when we exit
         self.ready = False
         self.started = time.monotonic()
         self.inflight: deque[int] = deque()
@@ -154,10 +152,11 @@ def _kill(w: _Worker) -> None:
     if w.proc.is_alive():
         w.proc.kill()
     w.proc.join(timeout=2.0)
-    try:
-        w.conn.close()
-    except OSError:
-        pass
+    for c in (w.conn, w.lifeline):
+        try:
+            c.close()
+        except OSError:
+            pass
 
 
 class RewardScorer:
@@ -169,8 +168,9 @@ class RewardScorer:
             fast path cannot decide. Tests point it at a verifier that hangs or crashes. ``None`` verifies in the
             calling process instead (debugging only: no hard timeout).
         start_timeout_s: how long a worker may take to start before it counts as failed.
-        batch_timeout_s: optional cap on the worker phase of one :meth:`score` call; samples still unverified then
-            count as timeouts. ``None`` = no cap (each sample is still capped by ``cfg.timeout_s``).
+        batch_timeout_s: cap on the worker phase of one :meth:`score` call; samples still unverified then count as
+            timeouts. ``None`` = ``cfg.batch_timeout_s`` (default 20 s); 0 = no cap (each sample is still capped by
+            ``cfg.timeout_s``, so n distinct pathological answers cost n x timeout_s / num_workers).
         cache_size: (pred, gold) verdicts kept across calls, timeouts included (a pathological answer repeated by
             the policy then costs one timeout, not one per step); 0 disables.
         think_in_prompt: passed to :func:`format_reward` (for templates whose prompt ends with ``<think>``).
@@ -254,15 +254,17 @@ class RewardScorer:
 
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        life_r, life_w = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(child_conn, self.verify_fn, os.getpid()),
+            args=(child_conn, self.verify_fn, os.getpid(), life_r),
             name="r1mega-reward-worker",
             daemon=True,
         )
         proc.start()
         child_conn.close()
-        return _Worker(proc, parent_conn)
+        life_r.close()
+        return _Worker(proc, parent_conn, life_w)
 
     def _ensure_workers(self) -> None:
         for w in list(self._workers):

@@ -1,0 +1,50 @@
+"""Which problems each data-parallel rank prompts with at each step.
+
+An epoch is one pass over the problems in the order ``random.Random(seed + epoch).shuffle(range(n))``; step
+``s`` takes the ``prompts_per_step`` consecutive positions starting at ``s * prompts_per_step`` of the endless
+sequence of epochs, split evenly across the DP ranks. A step's batch is a pure function of the step index, so
+a resumed run picks exactly the prompts the unbroken run would have.
+
+The permutation is built once per epoch and cached (the first version reshuffled the whole dataset for every
+prompt: 69 s per 512-prompt step at 200k rows); the order is unchanged, so old runs reproduce exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+
+from r1mega.data.tasks import Problem
+
+
+class PromptSampler:
+    """This data-parallel rank's prompts for each step: an epoch-wise shuffle, resumable by step index."""
+
+    _CACHED_EPOCHS = 2  # a batch can straddle an epoch boundary
+
+    def __init__(self, problems: list[Problem], per_step: int, dp_rank: int, dp_size: int, seed: int) -> None:
+        if per_step % dp_size:
+            raise ValueError(
+                f"rollout.prompts_per_step={per_step} must be divisible by the data-parallel size {dp_size}"
+            )
+        if not problems:
+            raise ValueError("PromptSampler got no problems; the training set is empty")
+        self.problems, self.per_rank, self.dp_rank, self.seed = problems, per_step // dp_size, dp_rank, seed
+        self.per_step = per_step
+        self._orders: OrderedDict[int, list[int]] = OrderedDict()
+
+    def order(self, epoch: int) -> list[int]:
+        """The problem indices of ``epoch`` in sampling order (cached)."""
+        order = self._orders.get(epoch)
+        if order is None:
+            order = list(range(len(self.problems)))
+            random.Random(self.seed + epoch).shuffle(order)
+            self._orders[epoch] = order
+            while len(self._orders) > self._CACHED_EPOCHS:
+                self._orders.popitem(last=False)
+        return order
+
+    def batch(self, step: int) -> list[Problem]:
+        first = step * self.per_step + self.dp_rank * self.per_rank
+        n = len(self.problems)
+        return [self.problems[self.order(k // n)[k % n]] for k in range(first, first + self.per_rank)]
