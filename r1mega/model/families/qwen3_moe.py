@@ -27,7 +27,8 @@ class Qwen3Moe(Family):
             )
         norm_topk = bool(hf.get("norm_topk_prob", False))
         kw.update(
-            num_experts=require(hf, "num_experts", arch),
+            # transformers 5 writes num_local_experts (its attribute map reads the published num_experts too)
+            num_experts=hf.get("num_local_experts") or require(hf, "num_experts", arch),
             moe_ffn_hidden_size=require(hf, "moe_intermediate_size", arch),
             moe_router_topk=require(hf, "num_experts_per_tok", arch),
             moe_shared_expert_intermediate_size=None,

@@ -1,0 +1,147 @@
+"""HF checkpoints -> megatron (r1mega.model.hf_load) for every family: the loaded model computes transformers'
+logits, the export of the loaded model is the checkpoint bit for bit (and reloads in transformers), loading is
+bounded in host memory, and bad checkpoints fail naming the file and the tensor.
+
+Tiny random checkpoints (tests/hf_models.py; vocab 100, padded to 128): Llama (tied embeddings, 3 shards),
+Qwen2 (q/k/v biases), Qwen3 (q/k norms, head dim 32 != 64 / 4), Qwen3-MoE (a leading dense layer),
+DeepSeek-V3 (MLA with q_lora, shared expert, sigmoid router + e_score_correction_bias, group-limited routing,
+a dense layer). Multi-rank layouts (TP=2 for all, EP=2 and PP=2 for the MoE ones) run in tests/hf_load_worker.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from r1mega.config import ModelConfig, ParallelConfig, TrainConfig
+from tests.hf_models import FAMILIES, VOCAB, hf_logits, hf_model, megatron_logits, tokens
+
+transformers = pytest.importorskip("transformers")
+ATOL = 2e-5  # logits are O(1) (init std 0.1): a wrong layout shows up as O(0.1)
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    from r1mega.parallel.runtime import init_runtime, shutdown_runtime
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rt = init_runtime(ParallelConfig(), seed=0, device="cpu")
+    yield rt
+    shutdown_runtime()
+    torch.set_num_threads(threads)
+
+
+def load(path: Path, **over):
+    from r1mega.model.builder import build_gpt_model
+    from r1mega.model.hf_load import load_hf_weights, resolve_model_config
+
+    m = resolve_model_config(ModelConfig(hf_path=str(path), **over))
+    gpt = build_gpt_model(m, ParallelConfig(), TrainConfig(), m.vocab_size, torch.device("cpu")).eval()
+    report = load_hf_weights(gpt, m)
+    return gpt, m, report
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_loaded_model_gives_transformers_logits(runtime, tiny_hf, name):
+    gpt, m, _ = load(tiny_hf[name])
+    toks = tokens()
+    ours = megatron_logits(gpt, toks)
+    assert ours.shape[-1] == 128
+    theirs = hf_logits(tiny_hf[name], toks)
+    assert theirs.abs().max() > 1.0, "degenerate test: logits too small to tell layouts apart"
+    err = float((ours[..., :VOCAB] - theirs).abs().max())
+    print(f"{name} TP=1: max |logit diff| {err:.2e}")
+    assert err < ATOL
+    assert float(ours[..., VOCAB:].abs().max()) == 0.0  # padded vocab rows are zero
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_round_trip_is_bit_exact_and_reloads(runtime, tiny_hf, tmp_path, name):
+    from safetensors import safe_open
+
+    from r1mega.model.hf_io import save_hf_folder
+
+    gpt, m, _ = load(tiny_hf[name])
+    src = tiny_hf[name]
+    want = {}
+    for f in src.glob("*.safetensors"):
+        with safe_open(f, framework="pt") as h:
+            want.update({k: h.get_tensor(k) for k in h.keys()})
+    out = save_hf_folder(gpt, m, m.vocab_size, tmp_path / "out", dtype=torch.float32, shard_bytes=40_000)
+    got = {}
+    for f in out.glob("*.safetensors"):
+        with safe_open(f, framework="pt") as h:
+            got.update({k: h.get_tensor(k) for k in h.keys()})
+    assert len(list(out.glob("*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    model = hf_model(out)  # transformers loads the exported folder as is
+    toks = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(toks).logits, hf_logits(src, toks), atol=0, rtol=0)
+
+
+def test_loading_is_bounded_in_host_memory(runtime, tmp_path):
+    """A 3-shard checkpoint ~20x its largest tensor: the load may add at most one tensor (+ slack) to the RSS."""
+    from tests.hf_models import save_tiny
+
+    path = save_tiny("llama", tmp_path / "wide", shards=4, hidden_size=256, intermediate_size=1024, num_hidden_layers=8)
+    total = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    _, _, r = load(path)
+    margin = 4 << 20
+    mib = {k: v / 2**20 for k, v in dict(total=total, largest=r.largest_hf_bytes, extra=r.extra_peak).items()}
+    print(f"checkpoint {mib['total']:.1f} MiB in 4 shards, largest tensor {mib['largest']:.2f} MiB, the load added "
+          f"{mib['extra']:.2f} MiB to the peak RSS")  # fmt: skip
+    assert total > 3 * (r.largest_hf_bytes + margin), (
+        "degenerate test: the checkpoint is not much bigger than the bound"
+    )
+    assert r.extra_peak <= r.largest_hf_bytes + margin
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def _broken(src: Path, dst: Path, edit) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(src / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors")
+    return dst
+
+
+def test_bad_checkpoints_name_the_file_and_tensor(runtime, tiny_hf, tmp_path):
+    src = tiny_hf["qwen3"]
+    k = "model.layers.1.self_attn.k_proj.weight"
+    missing = _broken(src, tmp_path / "missing", lambda t: t.pop(k))
+    with pytest.raises(ValueError, match=rf"tensor '{k}' is missing .*model.safetensors"):
+        load(missing)
+    extra = _broken(src, tmp_path / "extra", lambda t: t.update({"model.layers.1.mlp.bias": torch.zeros(3)}))
+    with pytest.raises(ValueError, match=r"have no place.*'model.layers.1.mlp.bias' \(model.safetensors\)"):
+        load(extra)
+    shaped = _broken(src, tmp_path / "shape", lambda t: t.update({k: t[k][:, :-1].contiguous()}))
+    with pytest.raises(ValueError, match=rf"model.safetensors: tensor '{k}' has shape \[64, 63\].*expects \[64, 64\]"):
+        load(shaped)
+    arch = tmp_path / "arch"
+    arch.mkdir()
+    (arch / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()),
+                                                  "architectures": ["MixtralForCausalLM"]}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"unsupported architecture 'MixtralForCausalLM'.*LlamaForCausalLM"):
+        load(arch)
+
+
+def test_training_knobs_stay_the_users(tiny_hf):
+    from r1mega.model.hf_load import resolve_model_config
+
+    m = resolve_model_config(ModelConfig(hf_path=str(tiny_hf["qwen3_moe"]), moe_token_dispatcher_type="allgather"))
+    assert (m.num_experts, m.moe_ffn_hidden_size, m.first_k_dense_layers) == (4, 32, 1)
+    assert m.moe_token_dispatcher_type == "allgather" and m.tokenizer == str(tiny_hf["qwen3_moe"])
+    assert dataclasses.replace(m, name="x").vocab_size == VOCAB
