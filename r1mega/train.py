@@ -51,6 +51,8 @@ def run(cfg) -> dict[str, float]:
     from r1mega.config import validate
     from r1mega.data.tasks import load_problems
     from r1mega.data.tokenizer import build_tokenizer
+    from r1mega.model.hf_io import maybe_export_hf
+    from r1mega.model.hf_load import load_hf_weights, resolve_model_config
     from r1mega.parallel.runtime import dist_env_from_environ, init_runtime, shutdown_runtime
     from r1mega.policy import Policy
     from r1mega.rewards import RewardScorer
@@ -59,12 +61,13 @@ def run(cfg) -> dict[str, float]:
     from r1mega.trainer import GRPOTrainer, PromptSampler
 
     t_start = time.perf_counter()
+    cfg.model = resolve_model_config(cfg.model)  # model.hf_path: the architecture from its config.json
     validate(cfg, world_size=dist_env_from_environ().world_size)
     runtime = init_runtime(cfg.parallel, cfg.train.seed, cfg.train.device, cfg.train.threads)
     console = Console(stderr=True, quiet=not runtime.is_main)
     tokenizer = build_tokenizer(cfg.model.tokenizer)
     train_set, eval_set = load_problems(cfg.data)
-    policy = Policy(cfg, runtime, tokenizer.vocab_size)
+    policy = Policy(cfg, runtime, cfg.model.vocab_size or tokenizer.vocab_size)
     n_params = sum(p.numel() for p in policy.model.parameters())
     console.print(
         f"[bold]r1mega[/] {cfg.model.name}: {n_params / 1e6:.2f} M params on this rank, "
@@ -91,6 +94,10 @@ def run(cfg) -> dict[str, float]:
         console.print(f"resumed from {resume_from} at step {start_step}")
     elif cfg.model.checkpoint:
         load_model(policy.model, cfg.model.checkpoint)
+        policy.reset_reference()
+    elif cfg.model.hf_path:
+        load_hf_weights(policy.model, cfg.model)
+        policy.optimizer.reload_model_params()  # bf16: the fp32 main copies
         policy.reset_reference()
     with RewardScorer(cfg.reward) as scorer:
         trainer = GRPOTrainer(cfg, policy, engine, scorer, tokenizer, sampler)
@@ -125,11 +132,13 @@ def run(cfg) -> dict[str, float]:
                 save_checkpoint(cfg.train.save_dir, step, policy)
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
                 tracker.log(trainer.evaluate(eval_set, cfg.train.eval_samples), step=step + 1)
+            maybe_export_hf(cfg, policy, step + 1)
             if cfg.train.max_minutes and (time.perf_counter() - rl_start) / 60 > cfg.train.max_minutes:
                 console.print(f"stopping after {step + 1} steps: train.max_minutes={cfg.train.max_minutes} reached")
                 break
         after = trainer.evaluate(eval_set, cfg.train.eval_samples)
         tracker.log(after, step=cfg.train.steps)
+    maybe_export_hf(cfg, policy, None)
     console.print(f"held-out after RL:  {_fmt(after)}")
     summary = {
         **{f"before/{k}": v for k, v in before.items()},
