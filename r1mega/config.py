@@ -78,7 +78,7 @@ class ModelConfig:
     # > 0: turn a dense hf_path model into a DeepSeek-V3-style MoE with this many routed experts (copies of
     # the dense MLP, sigmoid router + expert bias, top-k = moe_router_topk) that computes the dense function
     upcycle_experts: int = 0
-    upcycle_shared_expert: bool = True  # upcycling: half the dense MLP becomes a shared expert, the rest the experts
+    upcycle_shared_expert: bool = True  # upcycling: the dense MLP is the shared expert, routed copies start at 0
 
     @property
     def is_moe(self) -> bool:

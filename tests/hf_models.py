@@ -87,3 +87,28 @@ def megatron_logits(gpt, toks: torch.Tensor) -> torch.Tensor:
 
 def config_json(path: Path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
+
+
+def truncate_hf(src: Path, dst: Path, layers: int) -> Path:
+    """The first ``layers`` decoder layers of the HF folder ``src`` (+ embedding, final norm, tokenizer) at ``dst``:
+    real weights at a fraction of the cost, for tests that train."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and not f.name.endswith(".index.json"):
+            shutil.copy(f, dst / f.name)
+    cfg = config_json(src)
+    cfg["num_hidden_layers"] = layers
+    (dst / "config.json").write_text(json.dumps(cfg))
+    keep = {}
+    for f in src.glob("*.safetensors"):
+        with safe_open(f, framework="pt") as h:
+            for k in h.keys():
+                if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers:
+                    keep[k] = h.get_tensor(k)
+    save_file(keep, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst

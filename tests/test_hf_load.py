@@ -184,3 +184,22 @@ def test_parallel_layout_loads_the_same_model(layouts, tiny_hf, layout, name):
         got.update(load_file(f))
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_export_cli_writes_a_folder_transformers_loads(tiny_hf, tmp_path):
+    """``r1mega-export OUT model.hf_path=...`` (here: the model as loaded, no megatron checkpoint)."""
+    import subprocess
+    import sys
+
+    from tests.launch import REPO
+
+    out = tmp_path / "exported"
+    cmd = [sys.executable, "-m", "r1mega.model.hf_io", str(out), f"model.hf_path={tiny_hf['deepseek_v3']}",
+           "train.device=cpu"]  # fmt: skip
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model.safetensors.index.json").is_file() and (out / "config.json").is_file()
+    toks = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(out)(toks).logits, hf_logits(tiny_hf["deepseek_v3"], toks), atol=0, rtol=0)

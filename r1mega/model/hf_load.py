@@ -229,15 +229,15 @@ def load_hf_weights(model, m: ModelConfig, hf_path: Optional[str] = None, verbos
     count, largest, shard_bytes = 0, 0, 0
     for name, p in _tensors(model):
         shard_bytes += p.numel() * p.element_size()
-        t = wmap.target(name)
-        expert = t.expert is not None
-        layout, pre = t.layout, t.pre
         if upcycle is not None and upcycle.owns(name):
-            layout, pre = upcycle.layout(name), f"model.layers.{t.layer}."
+            layout, pre, expert = upcycle.layout(name), f"model.layers.{wmap.layer(name)}.", ".mlp.experts." in name
             if layout is None:
                 continue  # the router: keeps its initialisation (see r1mega.model.upcycle)
-        elif expert:
-            pre = family.expert_prefix(t.layer, ep * n_local + t.expert)
+        else:
+            t = wmap.target(name)
+            layout, pre, expert = t.layout, t.pre, t.expert is not None
+            if expert:
+                pre = family.expert_prefix(t.layer, ep * n_local + t.expert)
         shard = Shard()
         if getattr(p, "tensor_model_parallel", False):
             shard = Shard(int(p.partition_dim), etp, etp_size) if expert else Shard(int(p.partition_dim), tp, tp_size)

@@ -118,10 +118,13 @@ class VocabRows(Layout):
         padded = _full_shape(local, shard)[0]
         src.check(name, (m.vocab_size or src.shape(name)[0], local[1]))
         start, stop = shard.range(padded) if shard.dim == 0 else (0, padded)
-        out = torch.zeros(local, dtype=torch.float32)
         hi = min(stop, src.shape(name)[0])
-        if hi > start:
-            out[: hi - start] = src.read(name, 0, start, hi)
+        if hi - start == local[0]:
+            return src.read(name, 0, start, hi)
+        rows = src.read(name, 0, start, hi) if hi > start else None
+        out = torch.zeros(local, dtype=torch.float32 if rows is None else rows.dtype)
+        if rows is not None:
+            out[: hi - start] = rows
         return out
 
 

@@ -36,6 +36,13 @@ class WeightMap:
         decoder = getattr(model, "decoder", None)
         self.layer_of = {i: int(layer.layer_number) - 1 for i, layer in enumerate(getattr(decoder, "layers", []))}
 
+    def layer(self, name: str) -> int:
+        """The global layer number (from 0) of a ``decoder.layers.N.`` parameter."""
+        m = _LAYER.match(name)
+        if m is None:
+            raise ValueError(f"{name!r} is not a decoder layer parameter")
+        return self.layer_of[int(m.group(1))]
+
     def target(self, name: str) -> Target:
         if name in self.top:
             return Target(self.top[name], "")
