@@ -184,6 +184,9 @@ def test_parallel_layout_loads_the_same_model(layouts, tiny_hf, layout, name):
         got.update(load_file(f))
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
+    for r in (0, 1):  # each rank's load added at most one tensor (+ slack) to its peak host memory
+        rep = json.loads((res / f"load_rank{r}.json").read_text())
+        assert rep["rss_peak"] - rep["rss_before"] <= rep["largest_hf_bytes"] + (4 << 20), rep
 
 
 def test_export_cli_writes_a_folder_transformers_loads(tiny_hf, tmp_path):
@@ -203,3 +206,27 @@ def test_export_cli_writes_a_folder_transformers_loads(tiny_hf, tmp_path):
     toks = tokens()
     with torch.no_grad():
         torch.testing.assert_close(hf_model(out)(toks).logits, hf_logits(tiny_hf["deepseek_v3"], toks), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_te_spec_names_load_the_same(runtime, tiny_hf, name):
+    """TE builds only on a GPU: its parameter names (fused norms, grouped experts), applied to the local model,
+    load the same tensors."""
+    from types import SimpleNamespace
+
+    from r1mega.model.hf_load import load_hf_weights
+    from tests.test_hf_export import te_spec_name
+
+    gpt, m, _ = load(tiny_hf[name])
+    want = {n: p.detach().clone() for n, p in gpt.named_parameters()}
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.zero_()
+    dense = set(range(m.first_k_dense_layers))
+    renamed = [(te_spec_name(n, dense, m.multi_latent_attention), p) for n, p in gpt.named_parameters()]
+    assert sum(a != n for (a, _), n in zip(renamed, want)) > 5
+    te_like = SimpleNamespace(named_parameters=lambda: iter(renamed), named_buffers=gpt.named_buffers,
+                              decoder=gpt.decoder, modules=gpt.modules)  # fmt: skip
+    load_hf_weights(te_like, m)
+    for n, p in gpt.named_parameters():
+        assert torch.equal(p, want[n]), n
