@@ -253,7 +253,7 @@ def load_hf_weights(model, m: ModelConfig, hf_path: Optional[str] = None, verbos
         del value
         count += 1
     _check_all_used(src, family, m, path)
-    rss_now, peak = _rss()
+    _, peak = _rss()
     report = LoadReport(count, shard_bytes, largest, rss_before, peak, time.perf_counter() - t0)
     if verbose:
         rank = dist.get_rank() if dist.is_initialized() else 0

@@ -7,7 +7,8 @@ layout map in both directions (export to HF, load from HF). Adding a family = on
 class and checks logits and the round trip).
 
 Why our own adapters and not megatron-bridge: megatron-bridge 0.3.1 (the last release for megatron-core < 0.17)
-was tried (``pip install --no-deps megatron-bridge==0.3.1`` into a throwaway target, 2026 session of issue 9):
+was tried with our pins (megatron-core 0.16.1, transformers 5.24, CPU; ``pip install --no-deps
+megatron-bridge==0.3.1`` into a throwaway target, 2026-12):
 ``from megatron.bridge import AutoBridge`` and every model bridge (``megatron.bridge.models.llama``) fail at
 import with ``No module named 'transformer_engine'`` (``megatron/bridge/peft/lora_layers.py`` imports
 ``transformer_engine.pytorch`` unconditionally), so nothing converts on the CPU; it also pins transformers < 5,
