@@ -200,7 +200,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads per rank; 0 = leave as is
     max_minutes: float = 0.0  # stop RL after this wall time (0 = no limit)
     export_hf_dir: Optional[str] = None  # write a Hugging Face folder here at the end of the run (None = never)
-    export_hf_every: int = 0  # also every N steps, into export_hf_dir/step_N (0 = only at the end)
+    export_hf_every: int = 0  # also every N steps, into <export_hf_dir>-step_N (0 = only at the end)
 
 
 @dataclass

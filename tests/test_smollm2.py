@@ -176,3 +176,29 @@ def test_grpo_on_upcycled_model_moves_experts_and_bias(runtime, smollm2, tmp_pat
     assert len(moved) > len(names) // 2, f"only {len(moved)} of {len(names)} expert tensors changed"
     bias = [n for n in before if n.endswith("router.expert_bias")]
     assert bias and all(not torch.equal(before[n], after[n]) for n in bias)
+
+
+def test_train_cli_starts_from_hf_and_exports(smollm2, tmp_path):
+    """``r1mega-train model.hf_path=... train.export_hf_dir=... train.export_hf_every=1`` (4 layers, 2 steps)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.launch import REPO
+
+    small = truncate_hf(smollm2, tmp_path / "smol4", 4)
+    out = tmp_path / "hf"
+    args = [f"model.hf_path={small}", "sft.steps=0", "train.steps=2", "rollout.prompts_per_step=2",
+            "algo.group_size=2", "rollout.sampling.max_new_tokens=8", "data.num_eval=2", "train.micro_batch_size=4",
+            "logging.wandb_mode=disabled", "logging.plot=false", "logging.progress=false", "reward.num_workers=1",
+            f"logging.out_dir={tmp_path / 'run'}", f"train.export_hf_dir={out}", "train.export_hf_every=1"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "r1mega.train", *args], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "loaded 26 tensors" in proc.stdout + proc.stderr
+    for folder in (tmp_path / "hf-step_000001", tmp_path / "hf-step_000002", out):
+        assert (folder / "model.safetensors.index.json").is_file() and (folder / "chat_template.jinja").is_file()
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not any(info.values()) and model.config.num_hidden_layers == 4
+    assert transformers.AutoTokenizer.from_pretrained(str(out)).eos_token == "<|im_end|>"

@@ -115,11 +115,11 @@ def _finish(tmp: Path, maps: list, m: ModelConfig, vocab_size: int, dtype: torch
 
 def maybe_export_hf(cfg, policy, step: Optional[int]) -> Optional[Path]:
     """The trainer's hook: at the end of the run (``step`` None) into ``train.export_hf_dir``, and every
-    ``train.export_hf_every`` steps into ``export_hf_dir/step_N``. Collective."""
+    ``train.export_hf_every`` steps into the sibling ``<export_hf_dir>-step_N``. Collective."""
     t = cfg.train
     if not t.export_hf_dir or (step is not None and not (t.export_hf_every and step % t.export_hf_every == 0)):
         return None
-    out = Path(t.export_hf_dir) if step is None else Path(t.export_hf_dir) / f"step_{step:06d}"
+    out = Path(t.export_hf_dir) if step is None else Path(f"{t.export_hf_dir}-step_{step:06d}")
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
     return save_hf_folder(policy.model, cfg.model, policy.vocab_size, out, dtype=dtype)
 
