@@ -29,6 +29,15 @@ SPECS = {
             routed_scaling_factor=2.5, norm_topk_prob=True, num_key_value_heads=4,
         ),
     ),
+    # DeepSeek-V2-Lite's shape: no q_lora, softmax router (pre-softmax top-k, unnormalised), 2 shared experts
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        dict(
+            COMMON, **MOE, n_routed_experts=4, n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=None,
+            kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, topk_method="greedy",
+            norm_topk_prob=False, num_key_value_heads=4,
+        ),
+    ),
 }  # fmt: skip
 FAMILIES = list(SPECS)
 

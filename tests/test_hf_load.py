@@ -5,7 +5,8 @@ bounded in host memory, and bad checkpoints fail naming the file and the tensor.
 Tiny random checkpoints (tests/hf_models.py; vocab 100, padded to 128): Llama (tied embeddings, 3 shards),
 Qwen2 (q/k/v biases), Qwen3 (q/k norms, head dim 32 != 64 / 4), Qwen3-MoE (a leading dense layer),
 DeepSeek-V3 (MLA with q_lora, shared expert, sigmoid router + e_score_correction_bias, group-limited routing,
-a dense layer). Multi-rank layouts (TP=2 for all, EP=2 and PP=2 for the MoE ones) run in tests/hf_load_worker.py.
+a dense layer), DeepSeek-V2 shaped like V2-Lite (no q_lora, softmax router, 2 shared experts). Multi-rank
+layouts (TP=2 for all, EP=2 and PP=2 for Qwen3-MoE and DeepSeek-V3) run in tests/hf_load_worker.py.
 """
 
 from __future__ import annotations
