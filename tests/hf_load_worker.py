@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--layout", required=True, choices=sorted(LAYOUTS))
     ap.add_argument("--out", required=True)
     ap.add_argument("--no-export", action="store_true")
+    ap.add_argument("--upcycle", type=int, default=0, help="model.upcycle_experts (top-2, shared expert)")
     ap.add_argument("ckpts", nargs="+", help="name=path")
     args = ap.parse_args()
 
@@ -80,7 +81,7 @@ def main() -> None:
     for spec in args.ckpts:
         name, path = spec.split("=", 1)
         out = Path(args.out) / name
-        m = resolve_model_config(ModelConfig(hf_path=path))
+        m = resolve_model_config(ModelConfig(hf_path=path, upcycle_experts=args.upcycle, moe_router_topk=2))
         gpt = build_gpt_model(m, par, TrainConfig(), m.vocab_size, torch.device("cpu")).eval()
         report = load_hf_weights(gpt, m)
         logits = forward_logits(gpt, tokens(min(m.vocab_size, 1000), 2, 12))

@@ -133,6 +133,21 @@ def test_upcycled_model_computes_the_dense_function(dense, smollm2, text_tokens)
     del moe
 
 
+def test_upcycled_model_under_ep2_computes_the_dense_function(smollm2, tmp_path):
+    """8 experts over 2 EP ranks (4 each, tokens exchanged all-to-all), first 4 layers: transformers' dense logits."""
+    from tests.hf_models import hf_logits, tokens
+    from tests.launch import run_ranks
+
+    small = truncate_hf(smollm2, tmp_path / "smol4", 4)
+    worker = Path(__file__).with_name("hf_load_worker.py")
+    args = ["--layout", "ep2", "--out", str(tmp_path), "--no-export", "--upcycle", "8", f"smol4={small}"]
+    run_ranks(worker, args, nproc=2)
+    ours = torch.load(tmp_path / "smol4" / "logits.pt")
+    err = float((ours - hf_logits(small, tokens(1000, 2, 12))).abs().max())
+    print(f"upcycled SmolLM2 (4 layers) EP=2 vs transformers' dense: max |logit diff| {err:.2e}")
+    assert err < 1e-5
+
+
 class LengthReward:
     """A rule-based reward with variance on an untrained model: the response's length in characters / 100. (The
     math reward gives every answer of a 4-layer SmolLM2 0: zero advantages, no gradient, nothing to test.)"""
