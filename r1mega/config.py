@@ -49,6 +49,7 @@ class ModelConfig:
     normalization: str = "RMSNorm"
     norm_epsilon: float = 1e-6
     qk_layernorm: bool = False
+    add_qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2 / Qwen2.5)
     activation: str = "swiglu"  # swiglu | gelu
     tie_embeddings: bool = False
     init_method_std: float = 0.02
@@ -87,6 +88,13 @@ class ModelConfig:
     # --- tokenizer / weights ---
     tokenizer: str = "char"  # char (the built-in arithmetic tokenizer) | path of a HF tokenizer
     checkpoint: Optional[str] = None  # megatron dist checkpoint to start from
+    # a Hugging Face model folder (config.json + safetensors + tokenizer): its config.json replaces the
+    # architecture fields above, its weights are loaded at any TP/PP/EP layout, and tokenizer defaults to it
+    hf_path: Optional[str] = None
+    # > 0: turn a dense hf_path model into a DeepSeek-V3-style MoE with this many routed experts (copies of
+    # the dense MLP, sigmoid router + expert bias, top-k = moe_router_topk) that computes the dense function
+    upcycle_experts: int = 0
+    upcycle_shared_expert: bool = True  # upcycling: the dense MLP is the shared expert, routed copies start at 0
 
     @property
     def is_moe(self) -> bool:
@@ -356,6 +364,8 @@ class TrainConfig:
     resume: bool = True
     threads: int = 0  # torch intra-op threads per rank; 0 = leave as is
     max_minutes: float = 0.0  # stop RL after this wall time (0 = no limit)
+    export_hf_dir: Optional[str] = None  # write a Hugging Face folder here at the end of the run (None = never)
+    export_hf_every: int = 0  # also every N steps, into <export_hf_dir>-step_N (0 = only at the end)
 
     def __post_init__(self) -> None:
         _check(

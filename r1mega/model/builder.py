@@ -57,6 +57,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: Trai
         gated_linear_unit=model.activation == "swiglu",
         activation_func=F.silu if model.activation == "swiglu" else F.gelu,
         add_bias_linear=False,  # shared experts refuse biases; DeepSeek / Qwen3 use none
+        add_qkv_bias=model.add_qkv_bias,  # Qwen2: biases on q/k/v only
         hidden_dropout=0.0,  # RL recomputes log-probs: dropout would make them disagree with rollout
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
