@@ -151,6 +151,7 @@ class ParallelConfig:
 LossAgg = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
 RatioLevel = Literal["token", "sequence"]
 LossImpl = Literal["auto", "torch", "triton"]
+TIS = Literal["none", "token", "seq_mask", "token+seq_mask"]
 
 
 @dataclass
@@ -171,6 +172,10 @@ class AlgoConfig:
     loss: str = "grpo"  # the objective: a name in r1mega.registry.LOSSES or "module:Class"
     advantage: str = "grpo"  # the advantage estimator: a name in r1mega.registry.ADVANTAGES or "module:fn"
     temperature: Optional[float] = None  # the log-prob temperature of the loss; None = rollout.sampling.temperature
+    # rollout correction (r1mega/grpo/loss.py): none | token (TIS) | seq_mask (geometric-mean mask) | token+seq_mask
+    tis: str = "none"
+    tis_cap: float = 2.0  # TIS: per-token weight min(pi_old / pi_rollout, tis_cap), on the policy-gradient term
+    tis_seq_cap: float = 2.0  # seq_mask: answers whose geometric-mean ratio leaves [1/cap, cap] leave the loss
 
     def training_temperature(self, sampling: SamplingConfig) -> float:
         """The temperature the loss's log-probs use: the sampling one unless ``algo.temperature`` is set."""
@@ -180,10 +185,12 @@ class AlgoConfig:
         _check(
             self,
             "algo",
-            positive="num_minibatches temperature",
+            positive="num_minibatches temperature tis_cap",
             nonneg="beta eps_low eps_high ref_reset_every",
-            choices={"loss_agg": LossAgg, "ratio_level": RatioLevel, "loss_impl": LossImpl},
+            choices={"loss_agg": LossAgg, "ratio_level": RatioLevel, "loss_impl": LossImpl, "tis": TIS},
         )
+        if self.tis_seq_cap <= 1:
+            raise ConfigError(f"algo.tis_seq_cap={self.tis_seq_cap} must be > 1 (the kept band is [1/cap, cap])")
         if self.group_size < 2:
             raise ConfigError(f"algo.group_size={self.group_size} must be >= 2: GRPO's baseline is the group mean")
         if self.eps_low >= 1:
@@ -213,9 +220,11 @@ class RolloutConfig:
     prompts_per_step: int = 32
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_batch_size: int = 512  # sequences the engine decodes at once
+    max_logp_gap: Optional[float] = None  # stop when a step's mean |logp_rollout - logp_trainer| exceeds it; None = off
+    routing_replay: bool = False  # MoE: replay the rollout's experts in every trainer forward (megatron RouterReplay)
 
     def __post_init__(self) -> None:
-        _check(self, "rollout", positive="prompts_per_step max_batch_size")
+        _check(self, "rollout", positive="prompts_per_step max_batch_size max_logp_gap")
         _plugin("rollout", "backend", self.backend, "ROLLOUT_ENGINES")
 
 
