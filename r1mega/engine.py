@@ -34,6 +34,26 @@ from r1mega.rollout.base import HFWeights
 Microbatch = dict[str, torch.Tensor]
 
 
+def use_fp32_lm_head(model) -> None:
+    """Compute the output layer (so the logits and every log-prob) in fp32 from the bf16 hidden states / weights.
+
+    bf16 logits of a large vocabulary alone put two bf16 engines ~0.07 nats per token from the exact forward
+    (docs/perf/sglang.md, SmolLM2); slime and verl run this layer in fp32 for that reason (SGLang's
+    ``enable_fp32_lm_head``, passed by the SGLang engine under the same switch). The weight stays a bf16
+    parameter: the cast is inside autograd, so its gradient (and megatron's grad hooks) are unchanged.
+    """
+    head = getattr(model, "output_layer", None)
+    if head is None:  # not the last pipeline stage
+        return
+
+    def to_fp32(module, args, kwargs):
+        weight = kwargs.get("weight")
+        kwargs["weight"] = (module.weight if weight is None else weight).float()
+        return (args[0].float(), *args[1:]), kwargs
+
+    head.register_forward_pre_hook(to_fp32, with_kwargs=True)
+
+
 class MegatronEngine:
     def __init__(self, cfg: Config, runtime: Runtime, vocab_size: int) -> None:
         self.cfg, self.runtime = cfg, runtime
@@ -41,6 +61,8 @@ class MegatronEngine:
         self.vocab_size = vocab_size
         self.padded_vocab = padded_vocab_size(vocab_size, cfg.model, cfg.parallel.tp)
         self.model = build_gpt_model(cfg.model, cfg.parallel, cfg.train, vocab_size, self.device)
+        if cfg.train.fp32_lm_head:
+            use_fp32_lm_head(self.model)
         tcfg = self.model.config
         self.ddp = DistributedDataParallel(
             config=tcfg,
@@ -75,6 +97,8 @@ class MegatronEngine:
         if cfg.algo.beta > 0:  # the KL term needs a frozen reference
             self.ref_model = build_gpt_model(cfg.model, cfg.parallel, cfg.train, vocab_size, self.device)
             self.ref_model.requires_grad_(False)
+            if cfg.train.fp32_lm_head:
+                use_fp32_lm_head(self.ref_model)
             self.reset_reference()
         self._mask_cache: dict[int, torch.Tensor] = {}
         # The weights rollout engines pull after each update, as (HF name, tensor): they never see the model.

@@ -221,6 +221,8 @@ class SGLangRolloutEngine:
         )
         if self.settings.deterministic:
             kwargs["enable_deterministic_inference"] = True
+        if self.cfg.train.fp32_lm_head:  # server_args.py of sglang 0.5.17: logits in fp32 (logits_processor.py)
+            kwargs["enable_fp32_lm_head"] = True
         kwargs.update(self.engine_kwargs)
         self._engine = sgl.Engine(**kwargs)
 
