@@ -101,6 +101,7 @@ class MegatronEngine:
                 use_fp32_lm_head(self.ref_model)
             self.reset_reference()
         self._mask_cache: dict[int, torch.Tensor] = {}
+        self._replays = self._routing_replays() if cfg.rollout.routing_replay else {}
         # The weights rollout engines pull after each update, as (HF name, tensor): they never see the model.
         self.weights = HFWeights(self.model, cfg.model, vocab_size)
 
@@ -140,20 +141,41 @@ class MegatronEngine:
         mask = self._attention_mask(s)
         pos = torch.arange(s, device=self.device).unsqueeze(0)
 
+        replay = self._replays.get(model)
+
         def forward_step(data_iterator, m):
             mb = next(data_iterator)
+            if replay is not None and "routed_experts" in mb:
+                replay.replay(mb["routed_experts"])  # rollout.routing_replay: this microbatch's experts
             out = m(mb["tokens"], pos.expand_as(mb["tokens"]), mask)
             return out, partial(loss_fn, mb)
 
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(microbatches),
-            model=[model],
-            num_microbatches=len(microbatches),
-            seq_length=s,
-            micro_batch_size=microbatches[0]["tokens"].shape[0],
-            forward_only=forward_only,
-        )
+        try:
+            return get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter(microbatches),
+                model=[model],
+                num_microbatches=len(microbatches),
+                seq_length=s,
+                micro_batch_size=microbatches[0]["tokens"].shape[0],
+                forward_only=forward_only,
+            )
+        finally:
+            if replay is not None:
+                replay.off()
+
+    def _routing_replays(self) -> dict:
+        """rollout.routing_replay: megatron's RouterReplay on the policy's and the reference's routers, by the
+        module ``_run`` is given (r1mega/routing_replay.py)."""
+        from r1mega.config import ConfigError
+        from r1mega.routing_replay import RoutingReplay
+
+        if not self.cfg.model.is_moe:
+            raise ConfigError("rollout.routing_replay=true needs an MoE model (model.num_experts > 0)")
+        out = {self.ddp: RoutingReplay(self.model)}
+        if self.ref_model is not None:
+            out[self.ref_model] = RoutingReplay(self.ref_model)
+        return out
 
     # ------------------------------------------------------------------ forward passes
     @torch.no_grad()
