@@ -249,16 +249,26 @@ class SGLangRolloutConfig(RolloutConfig):
 
     backend: str = "sglang"
     mem_fraction: float = 0.5  # SGLang's mem_fraction_static: GPU memory for its weights + KV cache
-    attention_backend: str = "triton"  # passed to SGLang (which checks it); FA3 is not in the carried wheel
+    # passed to SGLang (which checks it): triton, since the carried sglang_kernel wheel has no FA3 kernels
+    attention_backend: str = "triton"
     sampling_backend: str = "pytorch"
-    disable_cuda_graph: bool = True  # first light; to be tuned
+    disable_cuda_graph: bool = False  # CUDA graphs on (the first probe ran them off)
+    chunked_prefill_size: Optional[int] = None  # SGLang's chunked_prefill_size; None = its default, -1 = off
     deterministic: bool = False  # enable_deterministic_inference: honours the per-request sampling seeds
-    bucket_mb: int = 512  # weight push: MiB per update_weights_from_tensor call
+    bucket_mb: int = 512  # weight push: MiB per update_weights_from_tensor call (one dtype per bucket)
+    flattened_bucket: bool = True  # push as FlattenedTensorBucket (load_format="flattened_bucket"), else tensor lists
+    verify_push_every: int = 1  # read a sample back after the first push and every N-th (0 = never)
     base_port: int = 30000  # engine ports: base_port + 100 * first GPU of the TP group
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self, "rollout", positive="bucket_mb base_port", choices={"sampling_backend": SGLangSampling})
+        _check(
+            self,
+            "rollout",
+            positive="bucket_mb base_port",
+            nonneg="verify_push_every",
+            choices={"sampling_backend": SGLangSampling},
+        )
         _in_range(self, "rollout", "mem_fraction", "(0, 1)")
 
 

@@ -253,6 +253,7 @@ class GRPOTrainer:
         for name, sec in timer.times.items():
             out[f"time/{name}"] = sec
         out["time/step"] = wall
+        out.update(getattr(self.engine, "last_push_metrics", None) or {})  # push/: bytes, GB/s, the stage split
         total_tokens = float(
             self.policy.reduce_metrics({"t": float(batch.tokens.ne(self.tokenizer.pad_id).sum())})["t"]
         )

@@ -57,11 +57,14 @@ is not reproducible (``rollout.deterministic=true`` turns it on).
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import math
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,8 +73,16 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from r1mega.config import Config, SGLangRolloutConfig
-from r1mega.model.hf_export import hf_config_from_model_config
+from r1mega.model.hf_export import hf_architecture, hf_config_from_model_config
 from r1mega.rollout.base import Rollout, SamplingParams, WeightSource
+from r1mega.rollout.weight_push import PushStats, flattened_payloads, plan_buckets, timed
+
+log = logging.getLogger(__name__)
+# sglang 0.5.17 implements Engine.get_weights_by_name only for these (models/{llama,granite,exaone4,opt}.py);
+# elsewhere it answers None for every name, so a push cannot be read back
+READABLE = {"LlamaForCausalLM", "GraniteForCausalLM", "Exaone4ForCausalLM", "OPTForCausalLM"}
+VERIFY_ROWS = 4  # get_weights_by_name(truncate_size): the first rows of each sampled tensor
+VERIFY_SAMPLES = 16
 
 WEIGHTS, KV_CACHE, CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"
 ALL_TAGS = (KV_CACHE, WEIGHTS, CUDA_GRAPH)  # sglang.srt.constants.GPU_MEMORY_ALL_TYPES
@@ -105,8 +116,20 @@ def sampling_dict(params: SamplingParams, eos_id: int, seed: Optional[int]) -> d
     return sp
 
 
-def to_rollout(prompt: list[int], out: dict[str, Any], eos_id: int) -> Rollout:
-    """One SGLang ``generate`` output -> Rollout (response ends with the stop token iff finished)."""
+def decode_routed_experts(value: Any, num_layers: int, topk: int) -> torch.Tensor:
+    """SGLang's ``meta_info["routed_experts"]`` (base64 of int32 [seq_len - 1, num_layers, topk], every layer,
+    token t = the position routed; sglang/srt/managers/tokenizer_manager.py) -> the Rollout layout."""
+    raw = base64.b64decode(value) if isinstance(value, (str, bytes)) else None
+    t = torch.frombuffer(bytearray(raw), dtype=torch.int32) if raw is not None else torch.as_tensor(value)
+    return t.reshape(-1, num_layers, topk).long()
+
+
+def to_rollout(
+    prompt: list[int], out: dict[str, Any], eos_id: int, routing: Optional[tuple[int, int]] = None
+) -> Rollout:
+    """One SGLang ``generate`` output -> Rollout (response ends with the stop token iff finished).
+
+    ``routing`` = (num_layers, topk) decodes the routed experts (``rollout.routing_replay``)."""
     ids = [int(t) for t in out["output_ids"]]
     meta = out.get("meta_info") or {}
     entries = meta.get("output_token_logprobs") or []
@@ -128,7 +151,14 @@ def to_rollout(prompt: list[int], out: dict[str, Any], eos_id: int) -> Rollout:
     elif ids and ids[-1] == eos_id:
         finished = True  # EOS as the very last allowed token
     lps = lps[: len(ids)] + [math.nan] * (len(ids) - len(lps))
-    return Rollout(list(prompt), ids, lps, finished=finished)
+    routed = None
+    if routing is not None:
+        if meta.get("routed_experts") is None:
+            raise RuntimeError(
+                "rollout.routing_replay: SGLang returned no routed_experts (enable_return_routed_experts)"
+            )
+        routed = decode_routed_experts(meta["routed_experts"], *routing)
+    return Rollout(list(prompt), ids, lps, finished=finished, routed_experts=routed)
 
 
 class SGLangRolloutEngine:
@@ -153,6 +183,15 @@ class SGLangRolloutEngine:
                 f"rollout=sglang needs parallel.pp=1 and parallel.cp=1 (got pp={par.pp}, cp={par.cp}): "
                 "each engine needs every layer of the model"
             )
+        arch = hf_architecture(cfg.model)
+        if arch == "Qwen3MoeForCausalLM" and cfg.model.first_k_dense_layers > 0:
+            raise ValueError(
+                f"rollout=sglang cannot serve this Qwen3-MoE policy: model.first_k_dense_layers="
+                f"{cfg.model.first_k_dense_layers}, but SGLang 0.5.17 builds every Qwen3-MoE layer sparse and drops "
+                "the dense layers' pushed weights without an error (docs/perf/sglang.md). Use "
+                "model.first_k_dense_layers=0 (as Qwen3-30B-A3B) or rollout=megatron"
+            )
+        self.arch = arch
         self.settings: SGLangRolloutConfig = cfg.rollout  # rollout=sglang (checked by build_rollout_engine)
         self.cfg, self.weights, self.tokenizer = cfg, weights, tokenizer
         self.bucket_bytes = bucket_bytes or self.settings.bucket_mb << 20
@@ -169,6 +208,10 @@ class SGLangRolloutEngine:
         self._model_dir: Optional[Path] = None
         self._released: set[str] = set()
         self._weights_synced = False
+        self._pushes = 0
+        self.last_push_metrics: dict[str, float] = {}  # the step log's push/ metrics (the trainer reads them)
+        m = cfg.model
+        self._routing = (m.num_layers, m.moe_router_topk) if cfg.rollout.routing_replay and m.is_moe else None
         base_gpu = self._check_gpu_layout()
         if self.is_owner:
             self._start(base_gpu)
@@ -219,6 +262,10 @@ class SGLangRolloutEngine:
             max_running_requests=self.settings.max_batch_size,
             log_level="error",
         )
+        if self.settings.chunked_prefill_size is not None:
+            kwargs["chunked_prefill_size"] = self.settings.chunked_prefill_size
+        if self._routing is not None:
+            kwargs["enable_return_routed_experts"] = True
         if self.settings.deterministic:
             kwargs["enable_deterministic_inference"] = True
         if self.cfg.train.fp32_lm_head:  # server_args.py of sglang 0.5.17: logits in fp32 (logits_processor.py)
@@ -253,15 +300,70 @@ class SGLangRolloutEngine:
 
     # ------------------------------------------------------------------------------ weights
     def update_weights(self, source: WeightSource) -> None:
-        """Push the trainer's weights (collective over the TP / EP groups: every rank must call it)."""
+        """Push the trainer's weights (collective over the TP / EP groups: every rank must call it).
+
+        Single-dtype flattened buckets (r1mega/rollout/weight_push.py) over CUDA IPC; after the first push and
+        every ``rollout.verify_push_every``-th, a sample is read back; ``last_push_metrics`` has the split.
+        """
         self._resume([WEIGHTS])  # the weights must be resident to be written; the KV cache can wait
-        for bucket in source.hf_buckets(self.bucket_bytes, self.dtype):
+        stats, sample = PushStats(), {}
+        groups = source.hf_buckets(1, self.dtype)  # a 1-byte bucket size yields the export's groups one by one
+        for bucket in timed(stats, "gather", plan_buckets(groups, self.bucket_bytes)):
+            stats.buckets += 1
+            stats.tensors += len(bucket)
+            stats.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            if len(sample) < VERIFY_SAMPLES:
+                name, t = bucket[0]
+                sample[name] = t[:VERIFY_ROWS].detach().float().cpu()
             if self._engine is not None:
-                self._engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False)
+                self._send(bucket, stats)
             del bucket
         if self._engine is not None:
             self._engine.flush_cache()  # no prefix computed with the old weights may be reused
+        stats.seconds = time.perf_counter() - stats.started
+        every = self.settings.verify_push_every
+        if every and self._engine is not None and self._pushes % every == 0:
+            t0 = time.perf_counter()
+            self._verify(sample)
+            stats.verify = time.perf_counter() - t0
+        self._pushes += 1
+        self.last_push_metrics = stats.metrics()
         self._weights_synced = True
+
+    def _send(self, bucket, stats: PushStats) -> None:
+        if not self.settings.flattened_bucket:
+            t0 = time.perf_counter()
+            self._engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False)
+            stats.times["ipc_load"] += time.perf_counter() - t0
+            return
+        t0 = time.perf_counter()
+        payloads, flat = flattened_payloads(bucket, self._tp_size)
+        t1 = time.perf_counter()
+        self._engine.update_weights_from_tensor(
+            named_tensors=payloads, load_format="flattened_bucket", flush_cache=False
+        )
+        stats.times["convert"] += t1 - t0
+        stats.times["ipc_load"] += time.perf_counter() - t1
+        del flat  # SGLang has loaded it (the call returns after the schedulers did): the buffer may go
+
+    def _verify(self, sample: dict[str, torch.Tensor]) -> None:
+        """Read back the first rows of sampled pushed tensors; SGLang drops unknown names silently."""
+        if self.arch not in READABLE:
+            log.warning("rollout=sglang: push not verified, SGLang 0.5.17 has no get_weights_by_name for %s", self.arch)
+            return
+        for name, want in sample.items():
+            got = self._engine.get_weights_by_name(name, truncate_size=VERIFY_ROWS)
+            if got is None:
+                raise RuntimeError(
+                    f"rollout=sglang: the pushed tensor {name} did not land (SGLang has no parameter it maps to); "
+                    "check the HF name mapping of this architecture (r1mega/model/hf_export.py)"
+                )
+            got = torch.as_tensor(got, dtype=torch.float32).reshape(want.shape)
+            if not torch.allclose(got, want, rtol=1e-2, atol=1e-3):
+                err = (got - want).abs().max().item()
+                raise RuntimeError(
+                    f"rollout=sglang: {name} in SGLang differs from the pushed tensor (max |diff| {err:.3g})"
+                )
 
     # ------------------------------------------------------------------------------ generation
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
@@ -275,14 +377,16 @@ class SGLangRolloutEngine:
                 None if params.seed is None else request_seed(params.seed, self._dp_rank, i)
                 for i in range(len(prompts))
             ]
+            extra = {"return_routed_experts": True} if self._routing is not None else {}
             results = self._engine.generate(
                 input_ids=[list(map(int, p)) for p in prompts],
                 sampling_params=[sampling_dict(params, eos, s) for s in seeds],
                 return_logprob=True,
+                **extra,
             )
             if len(results) != len(prompts):
                 raise RuntimeError(f"SGLang returned {len(results)} outputs for {len(prompts)} prompts")
-            out = [to_rollout(p, r, eos) for p, r in zip(prompts, results)]
+            out = [to_rollout(p, r, eos, self._routing) for p, r in zip(prompts, results)]
         elif self.is_owner:
             out = []
         if self._tp_size > 1:
