@@ -363,6 +363,7 @@ class TrainConfig:
     seed: int = 1234
     micro_batch_size: int = 64
     precision: str = "fp32"  # fp32 | bf16
+    offload_optimizer_during_rollout: bool = False  # optimizer state to host + grad buffers freed while generating
     fp32_lm_head: bool = False  # output layer (logits, log-probs, loss) in fp32 from bf16; SGLang's enable_fp32_lm_head
     fp8: Optional[str] = None  # None | blockwise | tensorwise | delayed (TE only)
     device: str = "auto"  # auto | cpu | cuda

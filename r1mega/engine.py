@@ -268,6 +268,20 @@ class MegatronEngine:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t)
 
+    # ------------------------------------------------------------------ memory hand-over to the rollout engine
+    def offload_for_rollout(self) -> None:
+        """train.offload_optimizer_during_rollout: the optimizer state (and fp32 main params) to host memory and
+        the grad buffers' storage freed, through megatron-core's own RL hooks (``offload_to_cpu``,
+        ``offload_grad_buffers``); the weights stay (the megatron engine generates with them, SGLang has a copy)."""
+        on_gpu = self.device.type == "cuda"
+        self.optimizer.offload_to_cpu()
+        self.ddp.offload_grad_buffers(synchronize=on_gpu, empty_cache=on_gpu)
+
+    def onload_for_training(self) -> None:
+        """Undo :meth:`offload_for_rollout` bit for bit (grad buffers come back zeroed, as each step starts)."""
+        self.optimizer.restore_from_cpu()
+        self.ddp.restore_grad_buffers(synchronize=self.device.type == "cuda")
+
     def reset_reference(self) -> None:
         """Copy the current policy weights into the reference model (R1-Zero: every 400 steps)."""
         if self.ref_model is not None:

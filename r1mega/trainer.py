@@ -16,6 +16,7 @@ from r1mega.config import Config
 from r1mega.data.tasks import Problem, encode_prompt
 from r1mega.engine import MegatronEngine
 from r1mega.grpo.advantages import informative_groups
+from r1mega.memory import memory_metrics
 from r1mega.objectives import build_objective
 from r1mega.registry import ADVANTAGES
 from r1mega.rewards import RewardScorer
@@ -168,12 +169,18 @@ class GRPOTrainer:
 
         # 2. rollout on the colocated engine (its memory is only held while it generates)
         s = cfg.rollout.sampling
+        offload = cfg.train.offload_optimizer_during_rollout
         with timer.stage("generation"):
+            if offload:
+                self.policy.offload_for_rollout()  # optimizer state to host, grad buffers freed
             self.engine.resume_memory()
             rollouts = self.engine.generate(
                 prompts, SamplingParams(s.temperature, s.top_p, s.top_k, s.max_new_tokens, seed=cfg.train.seed + step)
             )
+            mem = memory_metrics(self.policy.device, "generation")  # while the engine holds its memory
             self.engine.release_memory()
+            if offload:
+                self.policy.onload_for_training()
 
         # 3. rule-based rewards: accuracy + format, in worker processes with a hard timeout
         with timer.stage("reward"):
@@ -195,6 +202,7 @@ class GRPOTrainer:
             if a.beta > 0:
                 batch.ref_logp, _ = self.policy.compute_logprobs(batch, self.objective.temperature, reference=True)
         diff, known = rollout_logprob_gap(rollouts, batch, self.policy.is_last_stage)
+        mem.update(memory_metrics(self.policy.device, "logprobs"))
 
         # 6. loss + optimizer: num_minibatches optimizer steps over the rollout (groups stay whole); a
         #    minibatch without a loss token on any rank (DAPO dropped every group) is skipped and counted
@@ -205,6 +213,7 @@ class GRPOTrainer:
                 rows = (chunk.unsqueeze(1) * a.group_size + torch.arange(a.group_size)).reshape(-1)
                 minibatch = batch.select(rows)
                 train_metrics.append(self.policy.forward_backward(minibatch, self.objective, self.lr_at(step)))
+        mem.update(memory_metrics(self.policy.device, "training"))
 
         # 7. weight sync to the rollout engine (HF-named tensors); periodic reference reset (R1-Zero: every 400)
         with timer.stage("weight_update"):
@@ -213,7 +222,7 @@ class GRPOTrainer:
                 self.policy.reset_reference()
 
         wall = time.perf_counter() - t_start
-        return self._metrics(step, rewards, rollouts, batch, diff, known, train_metrics, timer, wall)
+        return {**self._metrics(step, rewards, rollouts, batch, diff, known, train_metrics, timer, wall), **mem}
 
     def _metrics(self, step, rewards, rollouts, batch, diff, known, train_metrics, timer, wall) -> dict[str, float]:
         n = len(rollouts)
