@@ -30,8 +30,10 @@ temporary directory and SGLang starts with ``load_format="dummy"`` (random weigh
 disk); the real weights are pushed before the first generate. Then ``skip_tokenizer_init=True``
 (token ids in and out), ``enable_memory_saver=True``, and from :class:`~r1mega.config.SGLangRolloutConfig`
 (``rollout=sglang``): ``attention_backend="triton"`` (FA3 is not in the carried kernel wheel),
-``sampling_backend="pytorch"``, ``disable_cuda_graph=True`` (first light; to be tuned). ``engine_kwargs``
-override any of these.
+``sampling_backend="pytorch"``, CUDA graphs on (``rollout.disable_cuda_graph=false``), ``chunked_prefill_size``,
+``enable_fp32_lm_head`` under ``train.fp32_lm_head``, ``enable_return_routed_experts`` under
+``rollout.routing_replay``. ``engine_kwargs`` override any of these. A Qwen3-MoE policy with dense layers is
+refused (SGLang 0.5.17 builds every Qwen3-MoE layer sparse and drops the dense layers' weights silently).
 
 Memory cycle (SGLang's memory saver drops the *contents* of released weights):
 ``release_memory`` releases every tag (weights, KV cache, CUDA graphs); ``update_weights`` resumes the
@@ -39,11 +41,14 @@ weights only and pushes; ``resume_memory`` resumes the rest; ``generate`` pushes
 weights were released since the last push (e.g. after ``evaluate``) -- so a push always follows a
 weight resume, as SGLang needs.
 
-Weight push: the :class:`~r1mega.rollout.base.WeightSource` streams (HF name, tensor) pairs in HF layouts
-(TP / EP gathered, ``iter_hf_buckets``), buckets of ``rollout.bucket_mb``, each sent with
-``update_weights_from_tensor(flush_cache=False)``, then one ``flush_cache()``. A bucket never splits a
-layer's ``q_a_proj`` / ``kv_a_proj_with_mqa`` pair (SGLang fuses them within one call). The engine never
-sees the model.
+Weight push: the :class:`~r1mega.rollout.base.WeightSource` streams (HF name, tensor) groups in HF layouts
+(TP / EP gathered), planned into single-dtype buckets of ``rollout.bucket_mb`` with a layer's experts together
+(:mod:`r1mega.rollout.weight_push`), each sent as a ``FlattenedTensorBucket`` over CUDA IPC
+(``load_format="flattened_bucket"``, ``flush_cache=False``), then one ``flush_cache()``. A bucket never splits
+a layer's ``q_a_proj`` / ``kv_a_proj_with_mqa`` pair (SGLang fuses them within one call). After the first push
+(and every ``rollout.verify_push_every``-th) a sample is read back with ``get_weights_by_name`` (SGLang drops
+unknown names silently). ``last_push_metrics``: bytes, seconds, GB/s, gather / convert / ipc_load / verify.
+The engine never sees the model.
 
 Responses: SGLang with ``skip_tokenizer_init`` returns the stop token inside ``output_ids`` and a
 log-prob for every output token; if a finished answer comes back without it, it is appended (log-prob
