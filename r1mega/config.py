@@ -159,6 +159,7 @@ class ParallelConfig:
 LossAgg = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
 RatioLevel = Literal["token", "sequence"]
 LossImpl = Literal["auto", "torch", "triton"]
+TIS = Literal["none", "token", "seq_mask", "token+seq_mask"]
 
 
 @dataclass
@@ -179,6 +180,10 @@ class AlgoConfig:
     loss: str = "grpo"  # the objective: a name in r1mega.registry.LOSSES or "module:Class"
     advantage: str = "grpo"  # the advantage estimator: a name in r1mega.registry.ADVANTAGES or "module:fn"
     temperature: Optional[float] = None  # the log-prob temperature of the loss; None = rollout.sampling.temperature
+    # rollout correction (r1mega/grpo/loss.py): none | token (TIS) | seq_mask (geometric-mean mask) | token+seq_mask
+    tis: str = "none"
+    tis_cap: float = 2.0  # TIS: per-token weight min(pi_old / pi_rollout, tis_cap), on the policy-gradient term
+    tis_seq_cap: float = 2.0  # seq_mask: answers whose geometric-mean ratio leaves [1/cap, cap] leave the loss
 
     def training_temperature(self, sampling: SamplingConfig) -> float:
         """The temperature the loss's log-probs use: the sampling one unless ``algo.temperature`` is set."""
@@ -188,10 +193,12 @@ class AlgoConfig:
         _check(
             self,
             "algo",
-            positive="num_minibatches temperature",
+            positive="num_minibatches temperature tis_cap",
             nonneg="beta eps_low eps_high ref_reset_every",
-            choices={"loss_agg": LossAgg, "ratio_level": RatioLevel, "loss_impl": LossImpl},
+            choices={"loss_agg": LossAgg, "ratio_level": RatioLevel, "loss_impl": LossImpl, "tis": TIS},
         )
+        if self.tis_seq_cap <= 1:
+            raise ConfigError(f"algo.tis_seq_cap={self.tis_seq_cap} must be > 1 (the kept band is [1/cap, cap])")
         if self.group_size < 2:
             raise ConfigError(f"algo.group_size={self.group_size} must be >= 2: GRPO's baseline is the group mean")
         if self.eps_low >= 1:
@@ -221,9 +228,11 @@ class RolloutConfig:
     prompts_per_step: int = 32
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_batch_size: int = 512  # sequences the engine decodes at once
+    max_logp_gap: Optional[float] = None  # stop when a step's mean |logp_rollout - logp_trainer| exceeds it; None = off
+    routing_replay: bool = False  # MoE: replay the rollout's experts in every trainer forward (megatron RouterReplay)
 
     def __post_init__(self) -> None:
-        _check(self, "rollout", positive="prompts_per_step max_batch_size")
+        _check(self, "rollout", positive="prompts_per_step max_batch_size max_logp_gap")
         _plugin("rollout", "backend", self.backend, "ROLLOUT_ENGINES")
 
 
@@ -248,16 +257,26 @@ class SGLangRolloutConfig(RolloutConfig):
 
     backend: str = "sglang"
     mem_fraction: float = 0.5  # SGLang's mem_fraction_static: GPU memory for its weights + KV cache
-    attention_backend: str = "triton"  # passed to SGLang (which checks it); FA3 is not in the carried wheel
+    # passed to SGLang (which checks it): triton, since the carried sglang_kernel wheel has no FA3 kernels
+    attention_backend: str = "triton"
     sampling_backend: str = "pytorch"
-    disable_cuda_graph: bool = True  # first light; to be tuned
+    disable_cuda_graph: bool = False  # CUDA graphs on (the first probe ran them off)
+    chunked_prefill_size: Optional[int] = None  # SGLang's chunked_prefill_size; None = its default, -1 = off
     deterministic: bool = False  # enable_deterministic_inference: honours the per-request sampling seeds
-    bucket_mb: int = 512  # weight push: MiB per update_weights_from_tensor call
+    bucket_mb: int = 512  # weight push: MiB per update_weights_from_tensor call (one dtype per bucket)
+    flattened_bucket: bool = True  # push as FlattenedTensorBucket (load_format="flattened_bucket"), else tensor lists
+    verify_push_every: int = 1  # read a sample back after the first push and every N-th (0 = never)
     base_port: int = 30000  # engine ports: base_port + 100 * first GPU of the TP group
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self, "rollout", positive="bucket_mb base_port", choices={"sampling_backend": SGLangSampling})
+        _check(
+            self,
+            "rollout",
+            positive="bucket_mb base_port",
+            nonneg="verify_push_every",
+            choices={"sampling_backend": SGLangSampling},
+        )
         _in_range(self, "rollout", "mem_fraction", "(0, 1)")
 
 
@@ -354,6 +373,8 @@ class TrainConfig:
     seed: int = 1234
     micro_batch_size: int = 64
     precision: str = "fp32"  # fp32 | bf16
+    offload_optimizer_during_rollout: bool = False  # optimizer state to host + grad buffers freed while generating
+    fp32_lm_head: bool = False  # output layer (logits, log-probs, loss) in fp32 from bf16; SGLang's enable_fp32_lm_head
     fp8: Optional[str] = None  # None | blockwise | tensorwise | delayed (TE only)
     device: str = "auto"  # auto | cpu | cuda
     eval_every: int = 0  # 0 = only before and after RL

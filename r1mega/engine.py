@@ -34,6 +34,26 @@ from r1mega.rollout.base import HFWeights
 Microbatch = dict[str, torch.Tensor]
 
 
+def use_fp32_lm_head(model) -> None:
+    """Compute the output layer (so the logits and every log-prob) in fp32 from the bf16 hidden states / weights.
+
+    bf16 logits of a large vocabulary alone put two bf16 engines ~0.07 nats per token from the exact forward
+    (docs/perf/sglang.md, SmolLM2); slime and verl run this layer in fp32 for that reason (SGLang's
+    ``enable_fp32_lm_head``, passed by the SGLang engine under the same switch). The weight stays a bf16
+    parameter: the cast is inside autograd, so its gradient (and megatron's grad hooks) are unchanged.
+    """
+    head = getattr(model, "output_layer", None)
+    if head is None:  # not the last pipeline stage
+        return
+
+    def to_fp32(module, args, kwargs):
+        weight = kwargs.get("weight")
+        kwargs["weight"] = (module.weight if weight is None else weight).float()
+        return (args[0].float(), *args[1:]), kwargs
+
+    head.register_forward_pre_hook(to_fp32, with_kwargs=True)
+
+
 class MegatronEngine:
     def __init__(self, cfg: Config, runtime: Runtime, vocab_size: int) -> None:
         self.cfg, self.runtime = cfg, runtime
@@ -41,6 +61,8 @@ class MegatronEngine:
         self.vocab_size = vocab_size
         self.padded_vocab = padded_vocab_size(vocab_size, cfg.model, cfg.parallel.tp)
         self.model = build_gpt_model(cfg.model, cfg.parallel, cfg.train, vocab_size, self.device)
+        if cfg.train.fp32_lm_head:
+            use_fp32_lm_head(self.model)
         tcfg = self.model.config
         self.ddp = DistributedDataParallel(
             config=tcfg,
@@ -75,8 +97,11 @@ class MegatronEngine:
         if cfg.algo.beta > 0:  # the KL term needs a frozen reference
             self.ref_model = build_gpt_model(cfg.model, cfg.parallel, cfg.train, vocab_size, self.device)
             self.ref_model.requires_grad_(False)
+            if cfg.train.fp32_lm_head:
+                use_fp32_lm_head(self.ref_model)
             self.reset_reference()
         self._mask_cache: dict[int, torch.Tensor] = {}
+        self._replays = self._routing_replays() if cfg.rollout.routing_replay else {}
         # The weights rollout engines pull after each update, as (HF name, tensor): they never see the model.
         self.weights = HFWeights(self.model, cfg.model, vocab_size)
 
@@ -116,20 +141,41 @@ class MegatronEngine:
         mask = self._attention_mask(s)
         pos = torch.arange(s, device=self.device).unsqueeze(0)
 
+        replay = self._replays.get(model)
+
         def forward_step(data_iterator, m):
             mb = next(data_iterator)
+            if replay is not None and "routed_experts" in mb:
+                replay.replay(mb["routed_experts"])  # rollout.routing_replay: this microbatch's experts
             out = m(mb["tokens"], pos.expand_as(mb["tokens"]), mask)
             return out, partial(loss_fn, mb)
 
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(microbatches),
-            model=[model],
-            num_microbatches=len(microbatches),
-            seq_length=s,
-            micro_batch_size=microbatches[0]["tokens"].shape[0],
-            forward_only=forward_only,
-        )
+        try:
+            return get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter(microbatches),
+                model=[model],
+                num_microbatches=len(microbatches),
+                seq_length=s,
+                micro_batch_size=microbatches[0]["tokens"].shape[0],
+                forward_only=forward_only,
+            )
+        finally:
+            if replay is not None:
+                replay.off()
+
+    def _routing_replays(self) -> dict:
+        """rollout.routing_replay: megatron's RouterReplay on the policy's and the reference's routers, by the
+        module ``_run`` is given (r1mega/routing_replay.py)."""
+        from r1mega.config import ConfigError
+        from r1mega.routing_replay import RoutingReplay
+
+        if not self.cfg.model.is_moe:
+            raise ConfigError("rollout.routing_replay=true needs an MoE model (model.num_experts > 0)")
+        out = {self.ddp: RoutingReplay(self.model)}
+        if self.ref_model is not None:
+            out[self.ref_model] = RoutingReplay(self.ref_model)
+        return out
 
     # ------------------------------------------------------------------ forward passes
     @torch.no_grad()
@@ -221,6 +267,20 @@ class MegatronEngine:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t)
+
+    # ------------------------------------------------------------------ memory hand-over to the rollout engine
+    def offload_for_rollout(self) -> None:
+        """train.offload_optimizer_during_rollout: the optimizer state (and fp32 main params) to host memory and
+        the grad buffers' storage freed, through megatron-core's own RL hooks (``offload_to_cpu``,
+        ``offload_grad_buffers``); the weights stay (the megatron engine generates with them, SGLang has a copy)."""
+        on_gpu = self.device.type == "cuda"
+        self.optimizer.offload_to_cpu()
+        self.ddp.offload_grad_buffers(synchronize=on_gpu, empty_cache=on_gpu)
+
+    def onload_for_training(self) -> None:
+        """Undo :meth:`offload_for_rollout` bit for bit (grad buffers come back zeroed, as each step starts)."""
+        self.optimizer.restore_from_cpu()
+        self.ddp.restore_grad_buffers(synchronize=self.device.type == "cuda")
 
     def reset_reference(self) -> None:
         """Copy the current policy weights into the reference model (R1-Zero: every 400 steps)."""

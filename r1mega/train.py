@@ -172,6 +172,7 @@ def _rl_loop(cfg, r: _Run, start_step: int) -> None:
     from r1mega.cadence import Cadence
     from r1mega.checkpoint import save_checkpoint
     from r1mega.model.hf_io import maybe_export_hf
+    from r1mega.trainer import alignment_stop_reason
 
     show = r.policy.runtime.is_main and cfg.logging.progress
     bar = tqdm(range(start_step, cfg.train.steps), desc="GRPO", disable=not show, dynamic_ncols=True)
@@ -180,6 +181,8 @@ def _rl_loop(cfg, r: _Run, start_step: int) -> None:
         metrics = r.trainer.step(step)
         r.tracker.log(metrics, step=step + 1)
         bar.set_postfix({short: f"{metrics[k]:.3g}" for short, k in _BAR.items() if k in metrics})
+        if reason := alignment_stop_reason(metrics, step, cfg.rollout.max_logp_gap):
+            cadence.request_stop(reason)  # saved (with a save_dir) and reported like any stop
         due = cadence.after(step)
         if due.save:
             save_checkpoint(cfg.train.save_dir, step, r.policy)

@@ -36,7 +36,7 @@ class MetricsSchema:
         tokens = max(total.get("tokens", 0.0), 1.0)
         out["train/loss"] = total["loss"] / len(done)
         out["train/grad_norm"] = total["grad_norm"] / len(done)
-        out.update({name: total[k] / tokens for k, name in self.token_means.items()})
+        out.update({name: total[k] / tokens for k, name in self.token_means.items() if k in total})
         return out
 
 
