@@ -23,11 +23,13 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from r1mega import packing
 from r1mega.batch import TokenBatch
 from r1mega.config import Config
 from r1mega.grpo.logprobs import token_logprobs
 from r1mega.model.builder import build_gpt_model, padded_vocab_size
 from r1mega.objectives.base import Objective
+from r1mega.packing import PackedLayout
 from r1mega.parallel.runtime import Runtime
 from r1mega.rollout.base import HFWeights
 
@@ -98,7 +100,26 @@ class MegatronEngine:
             self._mask_cache[s] = torch.ones(1, 1, s, s, dtype=torch.bool, device=self.device).triu(1)
         return self._mask_cache[s]
 
-    def _microbatches(self, batch: TokenBatch) -> list[Microbatch]:
+    def _packed_microbatches(self, batch: TokenBatch) -> list[tuple[Microbatch, PackedLayout]]:
+        """THD microbatches of about train.max_tokens_per_microbatch tokens (r1mega/packing.py); every
+        data-parallel rank runs the same number of them (EP all-to-alls), pipelines need one shape."""
+        budget = self.cfg.train.max_tokens_per_microbatch
+        n_local = len(packing.plan_bins(packing.row_lengths(batch.mask), budget))
+        n = int(self.reduce_max_dp(n_local))
+        packed = packing.pack_batch(batch, budget, self.seq_multiple, self.cfg.parallel.pp > 1, num_bins=n)
+        return [({k: v.to(self.device, non_blocking=True) for k, v in mb.items()}, lay) for mb, lay in packed]
+
+    def reduce_max_dp(self, value: float) -> float:
+        dp = parallel_state.get_data_parallel_group()
+        if dist.get_world_size(dp) == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=dp)
+        return float(t)
+
+    def _microbatches(self, batch: TokenBatch) -> list[tuple[Microbatch, PackedLayout | None]]:
+        if self.cfg.train.max_tokens_per_microbatch:
+            return self._packed_microbatches(batch)
         mbs = self.cfg.train.micro_batch_size
         fields = batch.fields()
         n = batch.size
@@ -108,17 +129,20 @@ class MegatronEngine:
             short = mbs - mb["tokens"].shape[0]
             if short > 0 and n > mbs:  # pipeline schedules need equal microbatch shapes: pad with masked rows
                 mb = {k: torch.cat([v, v.new_zeros((short, *v.shape[1:]))]) for k, v in mb.items()}
-            out.append(mb)
+            out.append((mb, None))
         return out
 
-    def _run(self, model, microbatches: list[Microbatch], loss_fn: Callable, forward_only: bool) -> list[dict]:
-        s = microbatches[0]["tokens"].shape[1]
+    def _run(self, model, microbatches: list[tuple[Microbatch, PackedLayout | None]], loss_fn, forward_only: bool):
+        s = microbatches[0][0]["tokens"].shape[1]
         mask = self._attention_mask(s)
         pos = torch.arange(s, device=self.device).unsqueeze(0)
 
         def forward_step(data_iterator, m):
-            mb = next(data_iterator)
-            out = m(mb["tokens"], pos.expand_as(mb["tokens"]), mask)
+            mb, layout = next(data_iterator)
+            if layout is None:
+                out = m(mb["tokens"], pos.expand_as(mb["tokens"]), mask)
+            else:  # packed: the attention masks per sequence from cu_seqlens, positions restart per sequence
+                out = m(mb["tokens"], mb["position_ids"], None, packed_seq_params=layout.params(self.device))
             return out, partial(loss_fn, mb)
 
         return get_forward_backward_func()(
@@ -127,7 +151,7 @@ class MegatronEngine:
             model=[model],
             num_microbatches=len(microbatches),
             seq_length=s,
-            micro_batch_size=microbatches[0]["tokens"].shape[0],
+            micro_batch_size=microbatches[0][0]["tokens"].shape[0],
             forward_only=forward_only,
         )
 
@@ -136,9 +160,10 @@ class MegatronEngine:
     def forward_only(
         self, batch: TokenBatch, fn: Callable[[Microbatch, torch.Tensor], dict[str, torch.Tensor]], reference=False
     ) -> dict[str, torch.Tensor] | None:
-        """``fn(microbatch, logits)`` -> per-row tensors, concatenated over the batch's rows.
+        """``fn(microbatch, logits)`` -> per-target-token tensors [b, S-1], concatenated over the batch's rows.
 
-        The policy (or the reference) runs in eval mode. None on pipeline stages other than the last.
+        The policy (or the reference) runs in eval mode. None on pipeline stages other than the last. Packed
+        microbatches give [1, T-1] tensors, put back into the batch's rows (0 where a row did not run).
         """
         model = self.ref_model if reference else self.ddp
 
@@ -147,12 +172,15 @@ class MegatronEngine:
 
         was_training = model.training
         model.eval()
+        microbatches = self._microbatches(batch)
         try:
-            outs = self._run(model, self._microbatches(batch), loss_fn, forward_only=True)
+            outs = self._run(model, microbatches, loss_fn, forward_only=True)
         finally:
             model.train(was_training)
         if not self.is_last_stage:
             return None
+        if microbatches[0][1] is not None:
+            return packing.unpack(outs, [lay for _, lay in microbatches], batch.size, batch.mask.shape[1])
         return {k: torch.cat([o[k] for o in outs])[: batch.size] for k in outs[0]}
 
     def compute_logprobs(
