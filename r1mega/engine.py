@@ -36,6 +36,31 @@ from r1mega.rollout.base import HFWeights
 Microbatch = dict[str, torch.Tensor]
 
 
+def optimizer_config(cfg: Config, params_dtype: torch.dtype) -> OptimizerConfig:
+    """megatron's OptimizerConfig from optim.* (Adam; the distributed optimizer when parallel.* says so).
+
+    optim.cpu_offload: megatron's HybridDeviceOptimizer keeps ``offload_fraction`` of the optimizer states on the
+    CPU and steps them there (AdamW mode, which is Adam at weight_decay 0). GPU only: it maps CUDA parameters to
+    CPU copies (a CPU parameter has none), and needs separate fp32 main params (bf16, or no distributed optimizer).
+    """
+    o = cfg.optim
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=cfg.train.precision == "bf16",
+        params_dtype=params_dtype,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        optimizer_cpu_offload=o.cpu_offload,
+        optimizer_offload_fraction=o.offload_fraction if o.cpu_offload else 0.0,
+    )
+
+
 class MegatronEngine:
     def __init__(self, cfg: Config, runtime: Runtime, vocab_size: int) -> None:
         self.cfg, self.runtime = cfg, runtime
@@ -56,23 +81,7 @@ class MegatronEngine:
         # finalize_model_grads: DP/TP/PP grad reductions, the per-token-loss normalisation, and the
         # aux-loss-free router expert-bias update (DeepSeek-V3) from the step's expert loads.
         tcfg.finalize_model_grads_func = finalize_model_grads
-        o = cfg.optim
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam",
-                lr=o.lr,
-                min_lr=o.min_lr,
-                weight_decay=o.weight_decay,
-                adam_beta1=o.adam_beta1,
-                adam_beta2=o.adam_beta2,
-                adam_eps=o.adam_eps,
-                clip_grad=o.clip_grad,
-                bf16=cfg.train.precision == "bf16",
-                params_dtype=tcfg.params_dtype,
-                use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-            ),
-            [self.ddp],
-        )
+        self.optimizer = get_megatron_optimizer(optimizer_config(cfg, tcfg.params_dtype), [self.ddp])
         self.ref_model = None
         if cfg.algo.beta > 0:  # the KL term needs a frozen reference
             self.ref_model = build_gpt_model(cfg.model, cfg.parallel, cfg.train, vocab_size, self.device)
