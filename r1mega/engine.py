@@ -13,6 +13,7 @@ the import rule in :mod:`r1mega.parallel.runtime`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from functools import partial
 
@@ -26,8 +27,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from r1mega import packing
 from r1mega.batch import TokenBatch
 from r1mega.config import Config
-from r1mega.grpo.logprobs import token_logprobs
-from r1mega.model.builder import build_gpt_model, padded_vocab_size
+from r1mega.grpo.logprobs import (
+    choose_logprob_impl,
+    fused_token_logprobs,
+    kernel_token_logprobs,
+    kernels_available,
+    token_logprobs,
+)
+from r1mega.model.builder import build_gpt_model, hidden_states_out, output_weight, padded_vocab_size
 from r1mega.objectives.base import Objective
 from r1mega.packing import PackedLayout
 from r1mega.parallel.runtime import Runtime
@@ -197,14 +204,28 @@ class MegatronEngine:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs, entropy) [B, S-1] of the batch's tokens at ``temperature``, under the policy or the reference.
 
-        Only meaningful on the last pipeline stage (zeros elsewhere): that is where the loss runs.
+        Only meaningful on the last pipeline stage (zeros elsewhere): that is where the loss runs. On the GPU
+        (grpo.logprobs.choose_logprob_impl) r1mega_kernels' logprob_entropy reads the logits once; with
+        ``train.fused_lm_head`` the model stops before its output layer and the fused linear + log-prob kernel
+        makes the logits a chunk at a time, so [T, V] logits never exist.
         """
+        impl = choose_logprob_impl(
+            self.cfg.algo.loss_impl, self.device.type == "cuda", kernels_available(), self.cfg.train.fused_lm_head
+        )
+        gpt = self.ref_model if reference else self.model
 
-        def fn(mb, logits):
-            logp, ent = token_logprobs(logits[:, :-1], mb["tokens"][:, 1:], temperature, with_entropy=True)
+        def fn(mb, out):
+            out, targets = out[:, :-1], mb["tokens"][:, 1:]
+            if impl == "fused":
+                logp, ent = fused_token_logprobs(out, output_weight(gpt), targets, temperature)
+            elif impl == "kernel":
+                logp, ent = kernel_token_logprobs(out, targets, temperature)
+            else:
+                logp, ent = token_logprobs(out, targets, temperature, with_entropy=True)
             return {"logp": logp, "entropy": ent}
 
-        out = self.forward_only(batch, fn, reference)
+        with hidden_states_out(gpt) if impl == "fused" else contextlib.nullcontext():
+            out = self.forward_only(batch, fn, reference)
         if out is None:
             z = torch.zeros(*batch.mask.shape, device=self.device)
             return z, z.clone()

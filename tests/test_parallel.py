@@ -34,7 +34,7 @@ def reference(request, tmp_path_factory):
 @pytest.mark.parametrize(
     "layout,nproc,impl",
     [("tp2", 2, "auto"), ("ep2", 2, "auto"), ("pp2", 2, "auto"), ("dp2", 2, "auto"), ("tp2ep2", 4, "auto"),
-     ("ws1", 1, "triton"), ("tp2", 2, "triton")],
+     ("ws1", 1, "triton"), ("tp2", 2, "triton"), ("tp2", 2, "triton-fused")],
 )  # fmt: skip
 def test_layout_matches_single_rank(reference, layout, nproc, impl):
     """impl=triton: the trainer's GPU loss path (r1mega_kernels through Triton's CPU interpreter; under TP=2 its
@@ -44,7 +44,7 @@ def test_layout_matches_single_rank(reference, layout, nproc, impl):
         pytest.skip("MLA is checked under TP=2 (the layout that shards its projections); EP/PP are attention-agnostic")
     out = tmp / f"{layout}_{impl}.json"
     args = ["--layout", layout, "--ckpt", str(tmp / "ckpt"), "--out", str(out), "--loss-impl", impl, *extra]
-    run_ranks(WORKER, args, nproc, env={"TRITON_INTERPRET": "1"} if impl == "triton" else None)
+    run_ranks(WORKER, args, nproc, env={"TRITON_INTERPRET": "1"} if impl.startswith("triton") else None)
     got = json.loads(out.read_text())
     mask = torch.tensor(ref["mask"])
 

@@ -6,6 +6,7 @@ megatron-local spec otherwise. Two local-spec gaps are filled here (see :func:`_
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -263,3 +264,35 @@ def _mark_expert_params(gpt) -> None:
     for name, p in gpt.named_parameters():
         if ".mlp.experts." in name:
             p.allreduce = False
+
+
+def output_weight(gpt) -> torch.Tensor:
+    """The LM head's weight [V/tp, H] (this rank's vocab shard; the embedding when tied)."""
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
+@contextlib.contextmanager
+def hidden_states_out(gpt):
+    """Within: the last pipeline stage's GPTModel returns its final hidden states [b, s, H] instead of logits.
+
+    megatron-core 0.16.1 has no switch for it, so the output layer's forward is swapped for the identity (with
+    the sequence-parallel all-gather the ColumnParallelLinear would do). For the fused linear + log-prob kernel;
+    no gradient flows through it (forward-only passes).
+    """
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    layer = getattr(gpt, "output_layer", None)
+    if layer is None or not gpt.post_process:
+        yield
+        return
+
+    def forward(hidden, weight=None, runtime_gather_output=None):
+        return (gather_from_sequence_parallel_region(hidden) if layer.sequence_parallel else hidden), None
+
+    layer.forward = forward
+    try:
+        yield
+    finally:
+        del layer.forward  # back to the class's forward
