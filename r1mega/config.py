@@ -305,9 +305,12 @@ class OptimConfig:
     adam_beta2: float = 0.99
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    cpu_offload: bool = False  # megatron's optimizer_cpu_offload (HybridDeviceOptimizer; distributed optimizer)
+    offload_fraction: float = 1.0  # with cpu_offload: the fraction of optimizer states kept on the CPU
 
     def __post_init__(self) -> None:
         _check(self, "optim", positive="lr adam_eps", nonneg="min_lr warmup_steps weight_decay clip_grad")
+        _in_range(self, "optim", "offload_fraction", "[0, 1]")
         _in_range(self, "optim", "adam_beta1", "[0, 1)")
         _in_range(self, "optim", "adam_beta2", "[0, 1)")
 
@@ -365,6 +368,8 @@ class DataConfig:
 Precision = Literal["fp32", "bf16"]
 FP8 = Literal[None, "blockwise", "tensorwise", "delayed"]
 Device = Literal["auto", "cpu", "cuda"]
+Recompute = Literal[None, "selective", "full"]
+RecomputeMethod = Literal[None, "uniform", "block"]
 
 
 @dataclass
@@ -387,15 +392,24 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop RL after this wall time (0 = no limit)
     export_hf_dir: Optional[str] = None  # write a Hugging Face folder here at the end of the run (None = never)
     export_hf_every: int = 0  # also every N steps, into <export_hf_dir>-step_N (0 = only at the end)
+    # sequence packing (THD, r1mega/packing.py): microbatches of about this many tokens; 0 = padded row microbatches
+    max_tokens_per_microbatch: Optional[int] = 0
+    fused_lm_head: bool = False  # log-prob passes: fused linear + log-prob kernel on GPU, no [T, V] logits
+    recompute_granularity: Optional[str] = None  # megatron activation recompute: None | selective | full
+    recompute_method: Optional[str] = None  # full only: uniform | block
+    recompute_num_layers: Optional[int] = None  # full only: layers per chunk (uniform) / recomputed (block)
 
     def __post_init__(self) -> None:
         _check(
             self,
             "train",
             positive="micro_batch_size eval_samples",
-            nonneg="steps eval_every save_every threads max_minutes",
-            choices={"precision": Precision, "fp8": FP8, "device": Device},
-        )
+            nonneg="steps eval_every save_every threads max_minutes max_tokens_per_microbatch",
+            choices={"precision": Precision, "fp8": FP8, "device": Device, "recompute_granularity": Recompute,
+                     "recompute_method": RecomputeMethod},
+        )  # fmt: skip
+        if self.recompute_granularity == "full" and (self.recompute_method is None or not self.recompute_num_layers):
+            raise ConfigError("train.recompute_granularity=full needs train.recompute_method and recompute_num_layers")
 
 
 WandbMode = Literal["offline", "online", "disabled"]

@@ -90,7 +90,7 @@ class GRPOKernel:
             parallel_state.get_tensor_model_parallel_rank(),
             parallel_state.get_tensor_model_parallel_world_size(),
         )
-        u, denom = aggregation_weights(mb["mask"], s.loss_agg, s.max_len)
+        u, denom = aggregation_weights(mb["mask"], s.loss_agg, s.max_len, seq_ids=mb.get("seq_ids"))
         # logits stay the [b, t, V] view of the model output (the last position sliced off): the kernels read it
         # through its strides (a reshape here would copy the whole logits); per-token inputs are [b, t].
         loss_sum, stats = r1mega_kernels.grpo_loss(
@@ -152,6 +152,8 @@ class GRPOObjective:
             return self._kernel(lg, targets, mb, ref, s)
         logp, ent = token_logprobs(lg, targets, s.temperature, with_entropy=True)
         rollout = mb.get("rollout_logp") if s.tis != "none" else None
-        loss_sum, denom, metrics = grpo_loss(logp, mb["old_logp"], ref, mb["advantages"], mb["mask"], s, rollout)
+        loss_sum, denom, metrics = grpo_loss(
+            logp, mb["old_logp"], ref, mb["advantages"], mb["mask"], s, rollout, seq_ids=mb.get("seq_ids")
+        )  # seq_ids: packed microbatches (r1mega/packing.py) hold several answers per row
         metrics["entropy"] = (ent * mb["mask"]).sum()
         return loss_sum, denom, metrics
