@@ -97,6 +97,7 @@ def _build(cfg, runtime, teardown: ExitStack, run_id: str) -> _Run:
     from r1mega.data.tasks import load_problems
     from r1mega.data.tokenizer import build_tokenizer
     from r1mega.engine import MegatronEngine
+    from r1mega.eval.training import check_training_sets
     from r1mega.rewards import RewardScorer
     from r1mega.rollout import build_rollout_engine
     from r1mega.tracking import Tracker
@@ -124,6 +125,7 @@ def _build(cfg, runtime, teardown: ExitStack, run_id: str) -> _Run:
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     sampler = PromptSampler(train_set, cfg.rollout.prompts_per_step, dp_rank, dp_size, cfg.data.seed)
     trainer = GRPOTrainer(cfg, policy, engine, scorer, tokenizer, sampler)
+    check_training_sets(cfg, tokenizer, eval_set, getattr(engine, "max_seq_len", None))  # eval.sets, before any step
     return _Run(console, policy, trainer, tracker, train_set, eval_set, tokenizer)
 
 
@@ -198,7 +200,7 @@ _BAR = {"acc": "reward/accuracy", "fmt": "reward/format", "kl": "train/kl", "len
 
 
 def _fmt(ev: dict[str, float]) -> str:
-    return ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in ev.items())
+    return ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in ev.items())
 
 
 def main() -> None:

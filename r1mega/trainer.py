@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from megatron.core import parallel_state
 
 from r1mega.batch import TokenBatch, pad_rows
 from r1mega.config import Config
@@ -250,26 +249,14 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, problems: list[Problem], samples: int = 1) -> dict[str, float]:
-        """Held-out accuracy: greedy, and the mean over ``samples`` sampled answers (pass@1 as R1 reports)."""
-        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-        mine = problems[dp_rank::dp_size]
-        prompts = [encode_prompt(self.tokenizer, p.question, self.cfg.data.template) for p in mine]
-        s = self.cfg.rollout.sampling
-        out: dict[str, float] = {}
-        self.engine.resume_memory()
-        for name, params, k in (
-            ("greedy", SamplingParams(1.0, 1.0, 1, s.max_new_tokens), 1),
-            (
-                "sampled",
-                SamplingParams(s.temperature, s.top_p, s.top_k, s.max_new_tokens, seed=self.cfg.data.seed),
-                samples,
-            ),
-        ):
-            rolls = self.engine.generate([p for p in prompts for _ in range(k)], params)
-            texts = [self.tokenizer.decode(r.response_ids) for r in rolls]
-            rw = self.scorer.score(texts, [p.answer for p in mine for _ in range(k)])
-            g = self.policy.reduce_metrics({"n": len(rolls), "acc": sum(rw.accuracy), "fmt": sum(rw.format)})
-            out[f"eval/{name}_accuracy"] = g["acc"] / max(g["n"], 1)
-            out[f"eval/{name}_format"] = g["fmt"] / max(g["n"], 1)
-        self.engine.release_memory()
-        return out
+        """Held-out accuracy (greedy, and the mean over ``samples`` answers at the rollout's sampling: pass@1)
+        plus ``eval.sets``' other sets, through the one evaluator, r1mega.eval.runner (keys: eval/training.py)."""
+        from r1mega.eval.runner import evaluate
+        from r1mega.eval.training import training_metrics, training_sets, training_settings
+
+        sets = training_sets(self.cfg, problems)
+        greedy, sampled = (
+            evaluate(self.engine, self.tokenizer, self.scorer, sets, training_settings(self.cfg, samples, g))
+            for g in (True, False)
+        )
+        return training_metrics(greedy, sampled)

@@ -80,10 +80,15 @@ def test_greedy_runner_matches_independent_generation(sft_model):
     assert res.generated_tokens == sum(len(r.response_ids) for r in rolls)
 
 
-def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels")])}
     return subprocess.run(
-        [sys.executable, "-m", "r1mega.eval.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "r1mega.eval.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

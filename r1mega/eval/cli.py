@@ -4,6 +4,10 @@
     r1mega-eval model=... model.tokenizer=<hf dir> model.checkpoint=... eval.sets=[gsm8k,math500] eval.k=16 \\
         eval.template=chat eval.max_new_tokens=4096 rollout=sglang train.precision=bf16
     r1mega-eval ... eval.greedy=true eval.limit=50
+    r1mega-eval model.hf_path=<HF folder> eval.sets=[gsm8k] eval.template=chat eval.greedy=true   # any HF model
+
+``model.hf_path`` gives the architecture (config.json), the weights and, unless ``model.tokenizer`` is set, the
+tokenizer with its chat template and end-of-turn token (the engines stop on ``tokenizer.eos_id``).
 
 r1mega/conf/eval.yaml is the primary config: r1mega/conf/config.yaml (the training defaults) + R1's protocol (eval.*).
 Prints the table, writes ``eval.output`` (default ``<logging.out_dir>/eval.json``) with every per-problem result,
@@ -17,27 +21,38 @@ import sys
 from r1mega.train import CONF_DIR, _quiet
 
 
+def model_source(m) -> str:
+    """What is evaluated: ``model.checkpoint`` (megatron; wins when both are set) or ``model.hf_path``."""
+    from r1mega.config import ConfigError
+
+    if not (m.checkpoint or m.hf_path):
+        raise ConfigError(
+            "nothing to evaluate: set model.checkpoint=<megatron checkpoint dir> or model.hf_path=<HF model folder>"
+        )
+    return m.checkpoint or m.hf_path
+
+
 def build_policy_and_engine(cfg, runtime, tokenizer):
     """The model under evaluation and a rollout engine on it: the ONE place both are built.
 
-    As ``r1mega-train`` builds them (:class:`r1mega.engine.MegatronEngine` + ``load_model`` of ``model.checkpoint``;
-    :func:`r1mega.rollout.build_rollout_engine`). No reference model is built (nothing is trained); the engine
-    also allocates its optimizer, which megatron builds together with the DDP wrapper.
+    As ``r1mega-train`` builds them (:class:`r1mega.engine.MegatronEngine` + ``load_model`` of ``model.checkpoint``
+    or ``load_hf_weights`` of ``model.hf_path``; :func:`r1mega.rollout.build_rollout_engine`). No reference model
+    is built (nothing is trained); the engine also allocates its optimizer, which megatron builds together with the
+    DDP wrapper.
     """
     from r1mega.checkpoint import load_model
-    from r1mega.config import ConfigError
     from r1mega.engine import MegatronEngine
+    from r1mega.model.hf_load import load_hf_weights
     from r1mega.rollout import build_rollout_engine
 
+    model_source(cfg.model)
     cfg.algo.beta = 0.0  # no reference model
-    policy = MegatronEngine(cfg, runtime, tokenizer.vocab_size)
-    hf_path = getattr(cfg.model, "hf_path", None)  # model.hf_path arrives with the HF-loading branch
-    if hf_path:
-        # HF checkpoint loading goes here: load `hf_path`'s weights into policy.model (the HF branch's loader).
-        raise ConfigError("model.hf_path is not supported by this build yet; convert to model.checkpoint")
-    if not cfg.model.checkpoint:
-        raise ConfigError("nothing to evaluate: set model.checkpoint=<megatron checkpoint dir> (or model.hf_path)")
-    load_model(policy.model, cfg.model.checkpoint)
+    policy = MegatronEngine(cfg, runtime, cfg.model.vocab_size or tokenizer.vocab_size)
+    if cfg.model.checkpoint:  # a megatron checkpoint wins over hf_path (which then gives only the architecture)
+        load_model(policy.model, cfg.model.checkpoint)
+    else:
+        load_hf_weights(policy.model, cfg.model)
+        policy.optimizer.reload_model_params()  # bf16: the optimizer's fp32 main copies (as r1mega-train)
     return policy, build_rollout_engine(cfg, policy.weights, tokenizer)
 
 
@@ -54,10 +69,13 @@ def run(cfg):
     from r1mega.eval.report import report
     from r1mega.eval.runner import EvalSettings, evaluate
     from r1mega.eval.templates import encode_prompts
+    from r1mega.model.hf_load import resolve_model_config
     from r1mega.parallel.runtime import dist_env_from_environ, init_runtime, shutdown_runtime
     from r1mega.rewards import RewardScorer
     from r1mega.tracking import Tracker
 
+    source = model_source(cfg.model)  # nothing to evaluate: stop before anything is loaded
+    cfg.model = resolve_model_config(cfg.model)  # model.hf_path: architecture + tokenizer from the folder
     validate(cfg, world_size=dist_env_from_environ().world_size)
     settings = EvalSettings.from_config(cfg)
     tokenizer = build_tokenizer(cfg.model.tokenizer)
@@ -80,7 +98,7 @@ def run(cfg):
     console = Console(stderr=True, quiet=not runtime.is_main)
     n = sum(len(p) for p in sets.values())
     console.print(
-        f"[bold]r1mega-eval[/] {cfg.model.name} from {cfg.model.checkpoint}: {n} problems in "
+        f"[bold]r1mega-eval[/] {cfg.model.name} from {source}: {n} problems in "
         f"{', '.join(f'{k} ({len(v)})' for k, v in sets.items())}, {settings.samples} sample(s) each"
     )
     container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
@@ -93,7 +111,8 @@ def run(cfg):
         enabled=runtime.is_main,
     )
     policy, engine = build_policy_and_engine(cfg, runtime, tokenizer)
-    meta = {"model": cfg.model.name, "checkpoint": cfg.model.checkpoint, "tokenizer": cfg.model.tokenizer}
+    meta = {"model": cfg.model.name, "checkpoint": cfg.model.checkpoint, "hf_path": cfg.model.hf_path}
+    meta.update(tokenizer=cfg.model.tokenizer, eos_id=tokenizer.eos_id)
     meta["config"] = container
     try:
         with RewardScorer(cfg.reward) as scorer:

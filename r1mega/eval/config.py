@@ -16,8 +16,9 @@ class EvalConfig:
     0.95; pass@1 = mean correctness over the k answers, cons@k = majority vote, pass@k' by the unbiased (Codex)
     estimator. See r1mega/eval/."""
 
-    # shipped sets (gsm8k math500 aime24 aime25 amc23), "heldout" (data.*'s held-out problems), or .jsonl paths
-    sets: list[str] = field(default_factory=lambda: ["gsm8k", "math500", "aime24", "aime25", "amc23"])
+    # shipped sets (gsm8k math500 aime24 aime25 amc23), "heldout" (data.*'s held-out problems), or .jsonl paths.
+    # Training evaluates these (heldout always); r1mega-eval's conf/eval.yaml names the five shipped sets
+    sets: list[str] = field(default_factory=lambda: ["heldout"])
     question_key: str = "question"  # fields of a user's .jsonl set (shipped sets know their own)
     answer_key: str = "answer"
     limit: int = 0  # evaluate the first N problems of each set; 0 = all
