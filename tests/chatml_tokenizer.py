@@ -43,3 +43,20 @@ def build_chatml_tokenizer(out: Path, vocab_size: int = 800, chat_template: str 
         fast.chat_template = chat_template
     fast.save_pretrained(out)
     return out
+
+
+def build_tiny_llama(out: Path) -> Path:
+    """A 2-layer random LlamaForCausalLM (GQA 4/2, tied embeddings, as SmolLM2) with this tokenizer, in ``out``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    build_chatml_tokenizer(out)
+    vocab = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from r1mega.config import ModelConfig, SGLangRolloutConfig, config_from_hydra
-from tests.chatml_tokenizer import build_chatml_tokenizer
+from tests.chatml_tokenizer import build_tiny_llama
 from tests.test_config import _compose
 
 pytestmark = pytest.mark.skipif(
@@ -27,20 +27,7 @@ GSM8K_DIR = "/work/shared/data/gsm8k"
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
-    """A 2-layer random LlamaForCausalLM (GQA 4/2, tied embeddings, as SmolLM2) with the ChatML tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = build_chatml_tokenizer(tmp_path_factory.mktemp("tiny_smollm2"))
-    vocab = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, rms_norm_eps=1e-5,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    return out
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_smollm2"))
 
 
 def test_preset_composes_to_the_typed_config(tiny_llama, monkeypatch):
