@@ -104,6 +104,9 @@ def test_report_table_and_curves_from_run_logs(tmp_path):
     assert "| cold start | 0.1000 | 0.0100 | nan | 0.900 |" in table and "| TRL after | nan |" in table
     assert (tmp_path / "e2e_table.md").read_text().strip() == table
     assert (tmp_path / "e2e_curves.png").stat().st_size > 10_000
+    bench.copy_results(tmp_path, tmp_path / "back")  # what a device command brings back
+    assert (tmp_path / "back" / "trl" / "metrics.jsonl").read_text() == (tmp_path / "trl" / "metrics.jsonl").read_text()
+    assert (tmp_path / "back" / "eval_cold_greedy" / "eval.json").is_file()
 
 
 @needs_hf_path

@@ -227,6 +227,7 @@ def r1mega_cmds(out: Path, extra: list[str]) -> dict[str, list[str]]:
         "cold": [
             *train,
             "train.steps=0",
+            "data.num_eval=8",  # the cold start's accuracy comes from r1mega-eval on the full test set
             f"train.export_hf_dir={out / 'cold'}",
             f"logging.out_dir={out / 'r1_cold'}",
             *extra,
@@ -367,6 +368,17 @@ def run_trl(out: Path, extra: list[str]) -> None:
     tok.save_pretrained(str(out / "trl_final"))
 
 
+def copy_results(out: Path, dest: Path) -> None:
+    """What comes back from the device (the HF folders stay behind): metrics, eval results, logs, wandb runs."""
+    import shutil
+
+    for pattern in ("stages.json", "*.log", "*/metrics.jsonl", "eval_*/eval.json", "*/wandb/offline-run-*"):
+        for src in out.glob(pattern):
+            target = dest / src.relative_to(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree(src, target, dirs_exist_ok=True) if src.is_dir() else shutil.copy2(src, target))
+
+
 # ---------------------------------------------------------------------------------------------- the report
 
 
@@ -440,7 +452,8 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="CPU: compose the preset and check the TRL mapping")
     ap.add_argument("--out", default="/tmp/e2e")
     ap.add_argument("--stage", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
-    ap.add_argument("--timeout", type=int, default=1800, help="seconds per stage")
+    ap.add_argument("--timeout", type=int, default=570, help="seconds per stage (a device command: <= 600)")
+    ap.add_argument("--results", help="copy the small artefacts (metrics, eval.json, logs) here, e.g. $OUT")
     ap.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)  # the trl stage's own process
     ap.add_argument("overrides", nargs="*", help="r1mega Hydra overrides for every stage (after --)")
     args = ap.parse_args()
@@ -455,16 +468,22 @@ def main() -> None:
     if args.trl_child:
         run_trl(out, args.overrides)
         return
-    wanted = args.stage.split(",")
+    wanted = args.stage.split(",")  # stage groups (STAGES) or single stage names (eval_cold_greedy, ...)
     out.mkdir(parents=True, exist_ok=True)
+    if wanted == ["report"]:  # on the CPU, from the files a device command brought back
+        print(report(out, json.loads((out / "stages.json").read_text()) if (out / "stages.json").is_file() else {}))
+        return
     check_mapping(compose([f"model.hf_path={os.environ.get('SMOLLM2_HF', '')}", *args.overrides]))  # before the GPU
     info_path = out / "stages.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     cmds = r1mega_cmds(out, args.overrides)
-    for stage in [s for s in STAGES if s in wanted and s != "report"]:
-        for name in [n for n in cmds if n == stage or (stage == "eval" and n.startswith("eval_"))]:
+    for name in [n for n in cmds if n in wanted or (n.startswith("eval_") and "eval" in wanted)]:
+        try:
             info[name] = run_stage(name, cmds[name], out, args.timeout)
+        finally:
             info_path.write_text(json.dumps(info, indent=1))
+            if args.results:
+                copy_results(out, Path(args.results))
     if "report" in wanted:
         print(report(out, info))
         print(f"curves: {out / 'e2e_curves.png'}; table: {out / 'e2e_table.md'}")
