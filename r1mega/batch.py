@@ -16,6 +16,8 @@ class TokenBatch:
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
+    rollout_logp: torch.Tensor | None = None  # the rollout engine's log-probs (NaN where unknown): algo.tis
+    routed_experts: torch.Tensor | None = None  # [B, S, layers, topk] int: the rollout's experts (routing replay)
 
     @property
     def size(self) -> int:
@@ -23,14 +25,14 @@ class TokenBatch:
 
     def select(self, idx: torch.Tensor) -> TokenBatch:
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return TokenBatch(
-            pick(self.tokens), pick(self.mask), pick(self.old_logp), pick(self.ref_logp), pick(self.advantages)
-        )
+        return TokenBatch(**{n: pick(getattr(self, n)) for n in FIELDS})
 
     def fields(self) -> dict[str, torch.Tensor]:
         """The tensors that are set, by name (what a microbatch carries to the objective)."""
-        names = ("tokens", "mask", "old_logp", "ref_logp", "advantages")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {n: getattr(self, n) for n in FIELDS if getattr(self, n) is not None}
+
+
+FIELDS = ("tokens", "mask", "old_logp", "ref_logp", "advantages", "rollout_logp", "routed_experts")
 
 
 def pad_rows(rows: list[list[int]], pad_id: int, multiple: int = 1) -> torch.Tensor:

@@ -49,6 +49,7 @@ class ModelConfig:
     normalization: str = "RMSNorm"
     norm_epsilon: float = 1e-6
     qk_layernorm: bool = False
+    add_qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2 / Qwen2.5)
     activation: str = "swiglu"  # swiglu | gelu
     tie_embeddings: bool = False
     init_method_std: float = 0.02
@@ -87,6 +88,13 @@ class ModelConfig:
     # --- tokenizer / weights ---
     tokenizer: str = "char"  # char (the built-in arithmetic tokenizer) | path of a HF tokenizer
     checkpoint: Optional[str] = None  # megatron dist checkpoint to start from
+    # a Hugging Face model folder (config.json + safetensors + tokenizer): its config.json replaces the
+    # architecture fields above, its weights are loaded at any TP/PP/EP layout, and tokenizer defaults to it
+    hf_path: Optional[str] = None
+    # > 0: turn a dense hf_path model into a DeepSeek-V3-style MoE with this many routed experts (copies of
+    # the dense MLP, sigmoid router + expert bias, top-k = moe_router_topk) that computes the dense function
+    upcycle_experts: int = 0
+    upcycle_shared_expert: bool = True  # upcycling: the dense MLP is the shared expert, routed copies start at 0
 
     @property
     def is_moe(self) -> bool:
@@ -151,6 +159,7 @@ class ParallelConfig:
 LossAgg = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
 RatioLevel = Literal["token", "sequence"]
 LossImpl = Literal["auto", "torch", "triton"]
+TIS = Literal["none", "token", "seq_mask", "token+seq_mask"]
 
 
 @dataclass
@@ -171,6 +180,10 @@ class AlgoConfig:
     loss: str = "grpo"  # the objective: a name in r1mega.registry.LOSSES or "module:Class"
     advantage: str = "grpo"  # the advantage estimator: a name in r1mega.registry.ADVANTAGES or "module:fn"
     temperature: Optional[float] = None  # the log-prob temperature of the loss; None = rollout.sampling.temperature
+    # rollout correction (r1mega/grpo/loss.py): none | token (TIS) | seq_mask (geometric-mean mask) | token+seq_mask
+    tis: str = "none"
+    tis_cap: float = 2.0  # TIS: per-token weight min(pi_old / pi_rollout, tis_cap), on the policy-gradient term
+    tis_seq_cap: float = 2.0  # seq_mask: answers whose geometric-mean ratio leaves [1/cap, cap] leave the loss
 
     def training_temperature(self, sampling: SamplingConfig) -> float:
         """The temperature the loss's log-probs use: the sampling one unless ``algo.temperature`` is set."""
@@ -180,10 +193,12 @@ class AlgoConfig:
         _check(
             self,
             "algo",
-            positive="num_minibatches temperature",
+            positive="num_minibatches temperature tis_cap",
             nonneg="beta eps_low eps_high ref_reset_every",
-            choices={"loss_agg": LossAgg, "ratio_level": RatioLevel, "loss_impl": LossImpl},
+            choices={"loss_agg": LossAgg, "ratio_level": RatioLevel, "loss_impl": LossImpl, "tis": TIS},
         )
+        if self.tis_seq_cap <= 1:
+            raise ConfigError(f"algo.tis_seq_cap={self.tis_seq_cap} must be > 1 (the kept band is [1/cap, cap])")
         if self.group_size < 2:
             raise ConfigError(f"algo.group_size={self.group_size} must be >= 2: GRPO's baseline is the group mean")
         if self.eps_low >= 1:
@@ -213,9 +228,11 @@ class RolloutConfig:
     prompts_per_step: int = 32
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_batch_size: int = 512  # sequences the engine decodes at once
+    max_logp_gap: Optional[float] = None  # stop when a step's mean |logp_rollout - logp_trainer| exceeds it; None = off
+    routing_replay: bool = False  # MoE: replay the rollout's experts in every trainer forward (megatron RouterReplay)
 
     def __post_init__(self) -> None:
-        _check(self, "rollout", positive="prompts_per_step max_batch_size")
+        _check(self, "rollout", positive="prompts_per_step max_batch_size max_logp_gap")
         _plugin("rollout", "backend", self.backend, "ROLLOUT_ENGINES")
 
 
@@ -240,16 +257,26 @@ class SGLangRolloutConfig(RolloutConfig):
 
     backend: str = "sglang"
     mem_fraction: float = 0.5  # SGLang's mem_fraction_static: GPU memory for its weights + KV cache
-    attention_backend: str = "triton"  # passed to SGLang (which checks it); FA3 is not in the carried wheel
+    # passed to SGLang (which checks it): triton, since the carried sglang_kernel wheel has no FA3 kernels
+    attention_backend: str = "triton"
     sampling_backend: str = "pytorch"
-    disable_cuda_graph: bool = True  # first light; to be tuned
+    disable_cuda_graph: bool = False  # CUDA graphs on (the first probe ran them off)
+    chunked_prefill_size: Optional[int] = None  # SGLang's chunked_prefill_size; None = its default, -1 = off
     deterministic: bool = False  # enable_deterministic_inference: honours the per-request sampling seeds
-    bucket_mb: int = 512  # weight push: MiB per update_weights_from_tensor call
+    bucket_mb: int = 512  # weight push: MiB per update_weights_from_tensor call (one dtype per bucket)
+    flattened_bucket: bool = True  # push as FlattenedTensorBucket (load_format="flattened_bucket"), else tensor lists
+    verify_push_every: int = 1  # read a sample back after the first push and every N-th (0 = never)
     base_port: int = 30000  # engine ports: base_port + 100 * first GPU of the TP group
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self, "rollout", positive="bucket_mb base_port", choices={"sampling_backend": SGLangSampling})
+        _check(
+            self,
+            "rollout",
+            positive="bucket_mb base_port",
+            nonneg="verify_push_every",
+            choices={"sampling_backend": SGLangSampling},
+        )
         _in_range(self, "rollout", "mem_fraction", "(0, 1)")
 
 
@@ -278,9 +305,12 @@ class OptimConfig:
     adam_beta2: float = 0.99
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    cpu_offload: bool = False  # megatron's optimizer_cpu_offload (HybridDeviceOptimizer; distributed optimizer)
+    offload_fraction: float = 1.0  # with cpu_offload: the fraction of optimizer states kept on the CPU
 
     def __post_init__(self) -> None:
         _check(self, "optim", positive="lr adam_eps", nonneg="min_lr warmup_steps weight_decay clip_grad")
+        _in_range(self, "optim", "offload_fraction", "[0, 1]")
         _in_range(self, "optim", "adam_beta1", "[0, 1)")
         _in_range(self, "optim", "adam_beta2", "[0, 1)")
 
@@ -341,6 +371,8 @@ class DataConfig:
 Precision = Literal["fp32", "bf16"]
 FP8 = Literal[None, "blockwise", "tensorwise", "delayed"]
 Device = Literal["auto", "cpu", "cuda"]
+Recompute = Literal[None, "selective", "full"]
+RecomputeMethod = Literal[None, "uniform", "block"]
 
 
 @dataclass
@@ -349,6 +381,8 @@ class TrainConfig:
     seed: int = 1234
     micro_batch_size: int = 64
     precision: str = "fp32"  # fp32 | bf16
+    offload_optimizer_during_rollout: bool = False  # optimizer state to host + grad buffers freed while generating
+    fp32_lm_head: bool = False  # output layer (logits, log-probs, loss) in fp32 from bf16; SGLang's enable_fp32_lm_head
     fp8: Optional[str] = None  # None | blockwise | tensorwise | delayed (TE only)
     device: str = "auto"  # auto | cpu | cuda
     eval_every: int = 0  # 0 = only before and after RL
@@ -359,15 +393,26 @@ class TrainConfig:
     resume: bool = True
     threads: int = 0  # torch intra-op threads per rank; 0 = leave as is
     max_minutes: float = 0.0  # stop RL after this wall time (0 = no limit)
+    export_hf_dir: Optional[str] = None  # write a Hugging Face folder here at the end of the run (None = never)
+    export_hf_every: int = 0  # also every N steps, into <export_hf_dir>-step_N (0 = only at the end)
+    # sequence packing (THD, r1mega/packing.py): microbatches of about this many tokens; 0 = padded row microbatches
+    max_tokens_per_microbatch: Optional[int] = 0
+    fused_lm_head: bool = False  # log-prob passes: fused linear + log-prob kernel on GPU, no [T, V] logits
+    recompute_granularity: Optional[str] = None  # megatron activation recompute: None | selective | full
+    recompute_method: Optional[str] = None  # full only: uniform | block
+    recompute_num_layers: Optional[int] = None  # full only: layers per chunk (uniform) / recomputed (block)
 
     def __post_init__(self) -> None:
         _check(
             self,
             "train",
             positive="micro_batch_size eval_samples",
-            nonneg="steps eval_every save_every threads max_minutes",
-            choices={"precision": Precision, "fp8": FP8, "device": Device},
-        )
+            nonneg="steps eval_every save_every threads max_minutes max_tokens_per_microbatch",
+            choices={"precision": Precision, "fp8": FP8, "device": Device, "recompute_granularity": Recompute,
+                     "recompute_method": RecomputeMethod},
+        )  # fmt: skip
+        if self.recompute_granularity == "full" and (self.recompute_method is None or not self.recompute_num_layers):
+            raise ConfigError("train.recompute_granularity=full needs train.recompute_method and recompute_num_layers")
 
 
 WandbMode = Literal["offline", "online", "disabled"]

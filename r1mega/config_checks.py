@@ -87,6 +87,16 @@ def validate(cfg: Any, world_size: int = 1) -> None:
         )
     if cfg.data.template == "chat" and m.tokenizer == "char":
         raise ConfigError("data.template=chat needs a HF tokenizer with a chat template: set model.tokenizer=<path>")
+    if cfg.train.max_tokens_per_microbatch and getattr(r, "routing_replay", False):
+        raise ConfigError(
+            "rollout.routing_replay=true with train.max_tokens_per_microbatch (packed microbatches): the replayed "
+            "experts are not packed yet; set train.max_tokens_per_microbatch=0 or rollout.routing_replay=false"
+        )
+    if cfg.optim.cpu_offload and cfg.train.precision != "bf16" and p.distributed_optimizer:
+        raise ConfigError(
+            "optim.cpu_offload=true needs separate fp32 main params: train.precision=bf16, or "
+            "parallel.distributed_optimizer=false (megatron's HybridDeviceOptimizer cannot step the fp32 shards)"
+        )
 
 
 def _unknown_keys(node: Any, path: str) -> list[str]:

@@ -13,6 +13,7 @@ the import rule in :mod:`r1mega.parallel.runtime`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from functools import partial
 
@@ -23,15 +24,68 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from r1mega import packing
 from r1mega.batch import TokenBatch
 from r1mega.config import Config
-from r1mega.grpo.logprobs import token_logprobs
-from r1mega.model.builder import build_gpt_model, padded_vocab_size
+from r1mega.grpo.logprobs import (
+    choose_logprob_impl,
+    fused_token_logprobs,
+    kernel_token_logprobs,
+    kernels_available,
+    token_logprobs,
+)
+from r1mega.model.builder import build_gpt_model, hidden_states_out, output_weight, padded_vocab_size
 from r1mega.objectives.base import Objective
+from r1mega.packing import PackedLayout
 from r1mega.parallel.runtime import Runtime
 from r1mega.rollout.base import HFWeights
 
 Microbatch = dict[str, torch.Tensor]
+
+
+def use_fp32_lm_head(model) -> None:
+    """Compute the output layer (so the logits and every log-prob) in fp32 from the bf16 hidden states / weights.
+
+    bf16 logits of a large vocabulary alone put two bf16 engines ~0.07 nats per token from the exact forward
+    (docs/perf/sglang.md, SmolLM2); slime and verl run this layer in fp32 for that reason (SGLang's
+    ``enable_fp32_lm_head``, passed by the SGLang engine under the same switch). The weight stays a bf16
+    parameter: the cast is inside autograd, so its gradient (and megatron's grad hooks) are unchanged.
+    """
+    head = getattr(model, "output_layer", None)
+    if head is None:  # not the last pipeline stage
+        return
+
+    def to_fp32(module, args, kwargs):
+        weight = kwargs.get("weight")
+        kwargs["weight"] = (module.weight if weight is None else weight).float()
+        return (args[0].float(), *args[1:]), kwargs
+
+    head.register_forward_pre_hook(to_fp32, with_kwargs=True)
+
+
+def optimizer_config(cfg: Config, params_dtype: torch.dtype) -> OptimizerConfig:
+    """megatron's OptimizerConfig from optim.* (Adam; the distributed optimizer when parallel.* says so).
+
+    optim.cpu_offload: megatron's HybridDeviceOptimizer keeps ``offload_fraction`` of the optimizer states on the
+    CPU and steps them there (AdamW mode, which is Adam at weight_decay 0). GPU only: it maps CUDA parameters to
+    CPU copies (a CPU parameter has none), and needs separate fp32 main params (bf16, or no distributed optimizer).
+    """
+    o = cfg.optim
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=cfg.train.precision == "bf16",
+        params_dtype=params_dtype,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        optimizer_cpu_offload=o.cpu_offload,
+        optimizer_offload_fraction=o.offload_fraction if o.cpu_offload else 0.0,
+    )
 
 
 class MegatronEngine:
@@ -41,6 +95,8 @@ class MegatronEngine:
         self.vocab_size = vocab_size
         self.padded_vocab = padded_vocab_size(vocab_size, cfg.model, cfg.parallel.tp)
         self.model = build_gpt_model(cfg.model, cfg.parallel, cfg.train, vocab_size, self.device)
+        if cfg.train.fp32_lm_head:
+            use_fp32_lm_head(self.model)
         tcfg = self.model.config
         self.ddp = DistributedDataParallel(
             config=tcfg,
@@ -54,29 +110,16 @@ class MegatronEngine:
         # finalize_model_grads: DP/TP/PP grad reductions, the per-token-loss normalisation, and the
         # aux-loss-free router expert-bias update (DeepSeek-V3) from the step's expert loads.
         tcfg.finalize_model_grads_func = finalize_model_grads
-        o = cfg.optim
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam",
-                lr=o.lr,
-                min_lr=o.min_lr,
-                weight_decay=o.weight_decay,
-                adam_beta1=o.adam_beta1,
-                adam_beta2=o.adam_beta2,
-                adam_eps=o.adam_eps,
-                clip_grad=o.clip_grad,
-                bf16=cfg.train.precision == "bf16",
-                params_dtype=tcfg.params_dtype,
-                use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-            ),
-            [self.ddp],
-        )
+        self.optimizer = get_megatron_optimizer(optimizer_config(cfg, tcfg.params_dtype), [self.ddp])
         self.ref_model = None
         if cfg.algo.beta > 0:  # the KL term needs a frozen reference
             self.ref_model = build_gpt_model(cfg.model, cfg.parallel, cfg.train, vocab_size, self.device)
             self.ref_model.requires_grad_(False)
+            if cfg.train.fp32_lm_head:
+                use_fp32_lm_head(self.ref_model)
             self.reset_reference()
         self._mask_cache: dict[int, torch.Tensor] = {}
+        self._replays = self._routing_replays() if cfg.rollout.routing_replay else {}
         # The weights rollout engines pull after each update, as (HF name, tensor): they never see the model.
         self.weights = HFWeights(self.model, cfg.model, vocab_size)
 
@@ -98,7 +141,26 @@ class MegatronEngine:
             self._mask_cache[s] = torch.ones(1, 1, s, s, dtype=torch.bool, device=self.device).triu(1)
         return self._mask_cache[s]
 
-    def _microbatches(self, batch: TokenBatch) -> list[Microbatch]:
+    def _packed_microbatches(self, batch: TokenBatch) -> list[tuple[Microbatch, PackedLayout]]:
+        """THD microbatches of about train.max_tokens_per_microbatch tokens (r1mega/packing.py); every
+        data-parallel rank runs the same number of them (EP all-to-alls), pipelines need one shape."""
+        budget = self.cfg.train.max_tokens_per_microbatch
+        n_local = len(packing.plan_bins(packing.row_lengths(batch.mask), budget))
+        n = int(self.reduce_max_dp(n_local))
+        packed = packing.pack_batch(batch, budget, self.seq_multiple, self.cfg.parallel.pp > 1, num_bins=n)
+        return [({k: v.to(self.device, non_blocking=True) for k, v in mb.items()}, lay) for mb, lay in packed]
+
+    def reduce_max_dp(self, value: float) -> float:
+        dp = parallel_state.get_data_parallel_group()
+        if dist.get_world_size(dp) == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=dp)
+        return float(t)
+
+    def _microbatches(self, batch: TokenBatch) -> list[tuple[Microbatch, PackedLayout | None]]:
+        if self.cfg.train.max_tokens_per_microbatch:
+            return self._packed_microbatches(batch)
         mbs = self.cfg.train.micro_batch_size
         fields = batch.fields()
         n = batch.size
@@ -108,37 +170,62 @@ class MegatronEngine:
             short = mbs - mb["tokens"].shape[0]
             if short > 0 and n > mbs:  # pipeline schedules need equal microbatch shapes: pad with masked rows
                 mb = {k: torch.cat([v, v.new_zeros((short, *v.shape[1:]))]) for k, v in mb.items()}
-            out.append(mb)
+            out.append((mb, None))
         return out
 
-    def _run(self, model, microbatches: list[Microbatch], loss_fn: Callable, forward_only: bool) -> list[dict]:
-        s = microbatches[0]["tokens"].shape[1]
+    def _run(self, model, microbatches: list[tuple[Microbatch, PackedLayout | None]], loss_fn, forward_only: bool):
+        s = microbatches[0][0]["tokens"].shape[1]
         mask = self._attention_mask(s)
         pos = torch.arange(s, device=self.device).unsqueeze(0)
 
+        replay = self._replays.get(model)
+
         def forward_step(data_iterator, m):
-            mb = next(data_iterator)
-            out = m(mb["tokens"], pos.expand_as(mb["tokens"]), mask)
+            mb, layout = next(data_iterator)
+            if replay is not None and "routed_experts" in mb:
+                replay.replay(mb["routed_experts"])  # rollout.routing_replay: this microbatch's experts
+            if layout is None:
+                out = m(mb["tokens"], pos.expand_as(mb["tokens"]), mask)
+            else:  # packed: the attention masks per sequence from cu_seqlens, positions restart per sequence
+                out = m(mb["tokens"], mb["position_ids"], None, packed_seq_params=layout.params(self.device))
             return out, partial(loss_fn, mb)
 
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(microbatches),
-            model=[model],
-            num_microbatches=len(microbatches),
-            seq_length=s,
-            micro_batch_size=microbatches[0]["tokens"].shape[0],
-            forward_only=forward_only,
-        )
+        try:
+            return get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter(microbatches),
+                model=[model],
+                num_microbatches=len(microbatches),
+                seq_length=s,
+                micro_batch_size=microbatches[0][0]["tokens"].shape[0],
+                forward_only=forward_only,
+            )
+        finally:
+            if replay is not None:
+                replay.off()
+
+    def _routing_replays(self) -> dict:
+        """rollout.routing_replay: megatron's RouterReplay on the policy's and the reference's routers, by the
+        module ``_run`` is given (r1mega/routing_replay.py)."""
+        from r1mega.config import ConfigError
+        from r1mega.routing_replay import RoutingReplay
+
+        if not self.cfg.model.is_moe:
+            raise ConfigError("rollout.routing_replay=true needs an MoE model (model.num_experts > 0)")
+        out = {self.ddp: RoutingReplay(self.model)}
+        if self.ref_model is not None:
+            out[self.ref_model] = RoutingReplay(self.ref_model)
+        return out
 
     # ------------------------------------------------------------------ forward passes
     @torch.no_grad()
     def forward_only(
         self, batch: TokenBatch, fn: Callable[[Microbatch, torch.Tensor], dict[str, torch.Tensor]], reference=False
     ) -> dict[str, torch.Tensor] | None:
-        """``fn(microbatch, logits)`` -> per-row tensors, concatenated over the batch's rows.
+        """``fn(microbatch, logits)`` -> per-target-token tensors [b, S-1], concatenated over the batch's rows.
 
-        The policy (or the reference) runs in eval mode. None on pipeline stages other than the last.
+        The policy (or the reference) runs in eval mode. None on pipeline stages other than the last. Packed
+        microbatches give [1, T-1] tensors, put back into the batch's rows (0 where a row did not run).
         """
         model = self.ref_model if reference else self.ddp
 
@@ -147,12 +234,15 @@ class MegatronEngine:
 
         was_training = model.training
         model.eval()
+        microbatches = self._microbatches(batch)
         try:
-            outs = self._run(model, self._microbatches(batch), loss_fn, forward_only=True)
+            outs = self._run(model, microbatches, loss_fn, forward_only=True)
         finally:
             model.train(was_training)
         if not self.is_last_stage:
             return None
+        if microbatches[0][1] is not None:
+            return packing.unpack(outs, [lay for _, lay in microbatches], batch.size, batch.mask.shape[1])
         return {k: torch.cat([o[k] for o in outs])[: batch.size] for k in outs[0]}
 
     def compute_logprobs(
@@ -160,14 +250,28 @@ class MegatronEngine:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs, entropy) [B, S-1] of the batch's tokens at ``temperature``, under the policy or the reference.
 
-        Only meaningful on the last pipeline stage (zeros elsewhere): that is where the loss runs.
+        Only meaningful on the last pipeline stage (zeros elsewhere): that is where the loss runs. On the GPU
+        (grpo.logprobs.choose_logprob_impl) r1mega_kernels' logprob_entropy reads the logits once; with
+        ``train.fused_lm_head`` the model stops before its output layer and the fused linear + log-prob kernel
+        makes the logits a chunk at a time, so [T, V] logits never exist.
         """
+        impl = choose_logprob_impl(
+            self.cfg.algo.loss_impl, self.device.type == "cuda", kernels_available(), self.cfg.train.fused_lm_head
+        )
+        gpt = self.ref_model if reference else self.model
 
-        def fn(mb, logits):
-            logp, ent = token_logprobs(logits[:, :-1], mb["tokens"][:, 1:], temperature, with_entropy=True)
+        def fn(mb, out):
+            out, targets = out[:, :-1], mb["tokens"][:, 1:]
+            if impl == "fused":
+                logp, ent = fused_token_logprobs(out, output_weight(gpt), targets, temperature)
+            elif impl == "kernel":
+                logp, ent = kernel_token_logprobs(out, targets, temperature)
+            else:
+                logp, ent = token_logprobs(out, targets, temperature, with_entropy=True)
             return {"logp": logp, "entropy": ent}
 
-        out = self.forward_only(batch, fn, reference)
+        with hidden_states_out(gpt) if impl == "fused" else contextlib.nullcontext():
+            out = self.forward_only(batch, fn, reference)
         if out is None:
             z = torch.zeros(*batch.mask.shape, device=self.device)
             return z, z.clone()
@@ -221,6 +325,20 @@ class MegatronEngine:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t)
+
+    # ------------------------------------------------------------------ memory hand-over to the rollout engine
+    def offload_for_rollout(self) -> None:
+        """train.offload_optimizer_during_rollout: the optimizer state (and fp32 main params) to host memory and
+        the grad buffers' storage freed, through megatron-core's own RL hooks (``offload_to_cpu``,
+        ``offload_grad_buffers``); the weights stay (the megatron engine generates with them, SGLang has a copy)."""
+        on_gpu = self.device.type == "cuda"
+        self.optimizer.offload_to_cpu()
+        self.ddp.offload_grad_buffers(synchronize=on_gpu, empty_cache=on_gpu)
+
+    def onload_for_training(self) -> None:
+        """Undo :meth:`offload_for_rollout` bit for bit (grad buffers come back zeroed, as each step starts)."""
+        self.optimizer.restore_from_cpu()
+        self.ddp.restore_grad_buffers(synchronize=self.device.type == "cuda")
 
     def reset_reference(self) -> None:
         """Copy the current policy weights into the reference model (R1-Zero: every 400 steps)."""

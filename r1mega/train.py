@@ -39,12 +39,15 @@ def run(cfg) -> dict[str, float]:
     Returns the summary (held-out accuracy before / after RL).
     """
     from r1mega.config import validate
+    from r1mega.model.hf_io import maybe_export_hf
+    from r1mega.model.hf_load import resolve_model_config
     from r1mega.parallel.runtime import dist_env_from_environ, init_runtime, shutdown_runtime
     from r1mega.registry import ADVANTAGES, LOSSES
     from r1mega.rollout import rollout_engine_class
     from r1mega.run_identity import RunIdentity
 
     t_start = time.perf_counter()
+    cfg.model = resolve_model_config(cfg.model)  # model.hf_path: the architecture from its config.json
     validate(cfg, world_size=dist_env_from_environ().world_size)
     LOSSES.get(cfg.algo.loss), ADVANTAGES.get(cfg.algo.advantage), rollout_engine_class(cfg)  # plug-ins import
     with ExitStack() as teardown:  # unwinds in reverse on any exit: engine, scorer, tracker, runtime, run lock
@@ -60,6 +63,7 @@ def run(cfg) -> dict[str, float]:
         after = r.trainer.evaluate(r.eval_set, cfg.train.eval_samples)
         r.tracker.log(after, step=cfg.train.steps)
         r.console.print(f"held-out after RL:  {_fmt(after)}")
+        maybe_export_hf(cfg, r.policy, None)  # train.export_hf_dir: the final model as a HF folder
         summary = {
             **{f"before/{k}": v for k, v in before.items()},
             **{f"after/{k}": v for k, v in after.items()},
@@ -104,7 +108,7 @@ def _build(cfg, runtime, teardown: ExitStack, run_id: str) -> _Run:
     tokenizer = build_tokenizer(cfg.model.tokenizer)
     train_set, eval_set = load_problems(cfg.data)
     train_set, sft_set = split_cold_start(train_set, eval_set, cfg)
-    policy = MegatronEngine(cfg, runtime, tokenizer.vocab_size)
+    policy = MegatronEngine(cfg, runtime, cfg.model.vocab_size or tokenizer.vocab_size)
     n_params = sum(p.numel() for p in policy.model.parameters())
     console.print(
         f"[bold]r1mega[/] {cfg.model.name}: {n_params / 1e6:.2f} M params on this rank, "
@@ -127,8 +131,10 @@ def _build(cfg, runtime, teardown: ExitStack, run_id: str) -> _Run:
 
 
 def _resume_or_init(cfg, r: _Run) -> int:
-    """The first RL step: from the latest checkpoint under train.save_dir, else 0 (from model.checkpoint)."""
+    """The first RL step: from the latest checkpoint under train.save_dir, else 0 (from model.checkpoint or the
+    HF weights of model.hf_path)."""
     from r1mega.checkpoint import latest_checkpoint, load_checkpoint, load_model
+    from r1mega.model.hf_load import load_hf_weights
 
     resume_from = latest_checkpoint(cfg.train.save_dir) if cfg.train.resume else None
     if resume_from is not None:
@@ -137,6 +143,10 @@ def _resume_or_init(cfg, r: _Run) -> int:
         return start_step
     if cfg.model.checkpoint:
         load_model(r.policy.model, cfg.model.checkpoint)
+        r.policy.reset_reference()
+    elif cfg.model.hf_path:
+        load_hf_weights(r.policy.model, cfg.model)
+        r.policy.optimizer.reload_model_params()  # bf16: refresh the optimizer's fp32 main copies
         r.policy.reset_reference()
     return 0
 
@@ -164,6 +174,8 @@ def _rl_loop(cfg, r: _Run, start_step: int) -> None:
 
     from r1mega.cadence import Cadence
     from r1mega.checkpoint import save_checkpoint
+    from r1mega.model.hf_io import maybe_export_hf
+    from r1mega.trainer import alignment_stop_reason
 
     show = r.policy.runtime.is_main and cfg.logging.progress
     bar = tqdm(range(start_step, cfg.train.steps), desc="GRPO", disable=not show, dynamic_ncols=True)
@@ -172,11 +184,14 @@ def _rl_loop(cfg, r: _Run, start_step: int) -> None:
         metrics = r.trainer.step(step)
         r.tracker.log(metrics, step=step + 1)
         bar.set_postfix({short: f"{metrics[k]:.3g}" for short, k in _BAR.items() if k in metrics})
+        if reason := alignment_stop_reason(metrics, step, cfg.rollout.max_logp_gap):
+            cadence.request_stop(reason)  # saved (with a save_dir) and reported like any stop
         due = cadence.after(step)
         if due.save:
             save_checkpoint(cfg.train.save_dir, step, r.policy)
         if due.eval:
             r.tracker.log(r.trainer.evaluate(r.eval_set, cfg.train.eval_samples), step=step + 1)
+        maybe_export_hf(cfg, r.policy, step + 1)  # train.export_hf_every
         if due.stop:
             r.console.print(f"stopping after {step + 1} steps: {due.stop}")
             break

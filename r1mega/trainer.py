@@ -16,6 +16,7 @@ from r1mega.data.sampler import PromptSampler
 from r1mega.data.tasks import Problem, encode_prompt
 from r1mega.engine import MegatronEngine
 from r1mega.grpo.advantages import informative_groups
+from r1mega.memory import memory_metrics
 from r1mega.objectives import build_objective
 from r1mega.registry import ADVANTAGES
 from r1mega.rewards import RewardScorer
@@ -42,13 +43,31 @@ class StepTimer:
 
 
 def build_token_batch(rollouts: list[Rollout], pad_id: int, multiple: int) -> TokenBatch:
-    """Rows = prompt + response; the mask marks response tokens in target space (position - 1)."""
+    """Rows = prompt + response; the mask marks response tokens in target space (position - 1).
+
+    Also carries what the rollout engine measured: its log-probs (``rollout_logp``, NaN where unknown) and,
+    when every rollout has them, the experts it routed each token to (``routed_experts``, for routing replay).
+    """
     tokens = pad_rows([r.prompt_ids + r.response_ids for r in rollouts], pad_id, multiple)
     mask = torch.zeros(tokens.shape[0], tokens.shape[1] - 1)
     for i, r in enumerate(rollouts):
         p = len(r.prompt_ids)
         mask[i, p - 1 : p - 1 + len(r.response_ids)] = 1.0
-    return TokenBatch(tokens=tokens, mask=mask)
+    batch = TokenBatch(tokens=tokens, mask=mask)
+    batch.rollout_logp = scatter_response([r.logprobs for r in rollouts], rollouts, mask)
+    if rollouts and all(r.routed_experts is not None for r in rollouts):
+        batch.routed_experts = pad_routing([r.routed_experts for r in rollouts], tokens.shape[1])
+    return batch
+
+
+def pad_routing(routes: list[torch.Tensor], seq_len: int) -> torch.Tensor:
+    """[tokens_i, layers, topk] per row -> [B, S, layers, topk]; positions no engine routed (the last token,
+    padding) get experts 0..topk-1: distinct, as a top-k is, and never seen by the loss."""
+    _, layers, topk = routes[0].shape
+    out = torch.arange(topk).expand(len(routes), seq_len, layers, topk).clone()
+    for i, r in enumerate(routes):
+        out[i, : r.shape[0]] = r[:seq_len].long()
+    return out
 
 
 def scatter_response(values: list[list[float]], rollouts: list[Rollout], like: torch.Tensor) -> torch.Tensor:
@@ -66,11 +85,32 @@ def rollout_logprob_gap(rollouts: list[Rollout], batch: TokenBatch, is_last_stag
     Engines may not report the EOS log-prob (NaN), and trainer log-probs exist on the last pipeline
     stage only. The gap is the engine/trainer numerics mismatch that off-policy corrections watch.
     """
-    rollout_logp = scatter_response([r.logprobs for r in rollouts], rollouts, batch.mask)
+    rollout_logp = batch.rollout_logp
+    if rollout_logp is None:
+        rollout_logp = scatter_response([r.logprobs for r in rollouts], rollouts, batch.mask)
     known = batch.mask * torch.isfinite(rollout_logp)
     if not is_last_stage:
         known = torch.zeros_like(known)
     return (rollout_logp - batch.old_logp.cpu()).abs().nan_to_num(0.0) * known, known
+
+
+def alignment_stop_reason(metrics: dict[str, float], step: int, max_gap: float | None) -> str:
+    """Why the run must stop after ``step`` because the rollout engine and the trainer disagree ("" if not).
+
+    ``rollout.max_logp_gap`` bounds the mean |log pi_rollout - log pi_trainer| of a step's rollouts, which the
+    engine generated right after the last weight push: above it every importance ratio is wrong.
+    """
+    gap = metrics.get("rollout/logp_diff_mean", 0.0)
+    if max_gap is None or gap <= max_gap:
+        return ""
+    return (
+        f"rollout.max_logp_gap={max_gap} exceeded at step {step}: mean |logp_rollout - logp_trainer| = {gap:.4g} "
+        f"(max {metrics.get('rollout/logp_diff_max', float('nan')):.4g}, token_mult_prob_error "
+        f"{metrics.get('rollout/token_mult_prob_error', float('nan')):.4g}). Check that the weight push landed "
+        "(push/ metrics, a verify error), the engine's dtype and LM-head precision against the trainer's "
+        "(model.fp32_lm_head), the sampling temperature the engine reports log-probs at, and MoE routing "
+        "(rollout.routing_replay); tools/compare_engines.py shows the first layer where they part"
+    )
 
 
 class GRPOTrainer:
@@ -107,12 +147,18 @@ class GRPOTrainer:
 
         # 2. rollout on the colocated engine (its memory is only held while it generates)
         s = cfg.rollout.sampling
+        offload = cfg.train.offload_optimizer_during_rollout
         with timer.stage("generation"):
+            if offload:
+                self.policy.offload_for_rollout()  # optimizer state to host, grad buffers freed
             self.engine.resume_memory()
             rollouts = self.engine.generate(
                 prompts, SamplingParams(s.temperature, s.top_p, s.top_k, s.max_new_tokens, seed=cfg.train.seed + step)
             )
+            mem = memory_metrics(self.policy.device, "generation")  # while the engine holds its memory
             self.engine.release_memory()
+            if offload:
+                self.policy.onload_for_training()
 
         # 3. rule-based rewards: accuracy + format, in worker processes with a hard timeout
         with timer.stage("reward"):
@@ -134,6 +180,7 @@ class GRPOTrainer:
             if a.beta > 0:
                 batch.ref_logp, _ = self.policy.compute_logprobs(batch, self.objective.temperature, reference=True)
         diff, known = rollout_logprob_gap(rollouts, batch, self.policy.is_last_stage)
+        mem.update(memory_metrics(self.policy.device, "logprobs"))
 
         # 6. loss + optimizer: num_minibatches optimizer steps over the rollout (groups stay whole); a
         #    minibatch without a loss token on any rank (DAPO dropped every group) is skipped and counted
@@ -144,6 +191,7 @@ class GRPOTrainer:
                 rows = (chunk.unsqueeze(1) * a.group_size + torch.arange(a.group_size)).reshape(-1)
                 minibatch = batch.select(rows)
                 train_metrics.append(self.policy.forward_backward(minibatch, self.objective, self.lr_at(step)))
+        mem.update(memory_metrics(self.policy.device, "training"))
 
         # 7. weight sync to the rollout engine (HF-named tensors); periodic reference reset (R1-Zero: every 400)
         with timer.stage("weight_update"):
@@ -152,7 +200,7 @@ class GRPOTrainer:
                 self.policy.reset_reference()
 
         wall = time.perf_counter() - t_start
-        return self._metrics(step, rewards, rollouts, batch, diff, known, train_metrics, timer, wall)
+        return {**self._metrics(step, rewards, rollouts, batch, diff, known, train_metrics, timer, wall), **mem}
 
     def _metrics(self, step, rewards, rollouts, batch, diff, known, train_metrics, timer, wall) -> dict[str, float]:
         n = len(rollouts)
@@ -168,6 +216,8 @@ class GRPOTrainer:
             "reward_errors": rewards.num_errors,
             "logp_diff_sum": float(diff.sum()),
             "logp_diff_tokens": float(known.sum()),
+            # NeMo-RL's token_mult_prob_error: the token mean of exp(|dlogp|) (nemo_rl/algorithms/loss_functions.py)
+            "logp_mult_sum": float((torch.exp(diff) * known).sum()),
         }
         g = self.policy.reduce_metrics(local)
         logp_diff_max = self.policy.reduce_max(float(diff.max()) if diff.numel() else 0.0)
@@ -183,10 +233,14 @@ class GRPOTrainer:
             "train/lr": self.lr_at(step),
             "rollout/logp_diff_mean": g["logp_diff_sum"] / max(g["logp_diff_tokens"], 1.0),
             "rollout/logp_diff_max": logp_diff_max,
+            "rollout/token_mult_prob_error": g["logp_mult_sum"] / g["logp_diff_tokens"]
+            if g["logp_diff_tokens"]
+            else 1.0,
         }
         for name, sec in timer.times.items():
             out[f"time/{name}"] = sec
         out["time/step"] = wall
+        out.update(getattr(self.engine, "last_push_metrics", None) or {})  # push/: bytes, GB/s, the stage split
         total_tokens = float(
             self.policy.reduce_metrics({"t": float(batch.tokens.ne(self.tokenizer.pad_id).sum())})["t"]
         )

@@ -26,7 +26,7 @@ def main(save_dir: str) -> None:
     m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_experts, m.moe_ffn_hidden_size = 4, 256, 1024, 8, 256
     rt = init_runtime(cfg.parallel, seed=1, device="cpu")
     policy = MegatronEngine(cfg, rt, CharTokenizer().vocab_size)
-    scorer = RewardScorer(RewardConfig(num_workers=2, timeout_s=3600.0))  # the real verifier; never times out here
+    scorer = RewardScorer(RewardConfig(num_workers=2, timeout_s=3600.0, batch_timeout_s=3600.0))  # never times out
     scorer.start(wait=True)
     threading.Thread(target=scorer.score, args=(TOWERS, ["\\frac{1}{2}"] * 2), daemon=True).start()
     print("workers", *[w.proc.pid for w in scorer._workers], flush=True)

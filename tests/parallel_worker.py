@@ -31,6 +31,8 @@ def make_config(layout: str, mla: bool, loss_agg: str, loss_impl: str = "auto"):
     m.num_layers, m.hidden_size, m.num_attention_heads, m.ffn_hidden_size = 2, 64, 4, 128
     m.num_experts, m.moe_ffn_hidden_size, m.moe_shared_expert_intermediate_size, m.moe_router_topk = 4, 32, 32, 2
     m.max_position_embeddings = 64
+    if os.environ.get("FROZEN_EXPERT_BIAS") == "1":  # padded rows route their padding: the bias update differs
+        m.moe_router_bias_update_rate = 0.0
     if mla:
         m.multi_latent_attention, m.q_lora_rank, m.kv_lora_rank = True, 32, 32
         m.qk_head_dim, m.qk_pos_emb_head_dim, m.v_head_dim = 16, 8, 16
@@ -41,8 +43,10 @@ def make_config(layout: str, mla: bool, loss_agg: str, loss_impl: str = "auto"):
     cfg.parallel.distributed_optimizer = os.environ.get("DISTOPT", "1") == "1"
     cfg.train.micro_batch_size = 2
     cfg.algo.beta, cfg.algo.eps_low, cfg.algo.eps_high, cfg.algo.loss_agg = 0.05, 0.2, 0.28, loss_agg
-    cfg.algo.loss_impl = loss_impl
+    cfg.algo.loss_impl = "triton" if loss_impl == "triton-fused" else loss_impl
+    cfg.train.fused_lm_head = loss_impl == "triton-fused"  # log-prob passes from hidden states, no logits
     cfg.optim.lr = 1e-3
+    cfg.train.max_tokens_per_microbatch = int(os.environ.get("PACK_TOKENS", "0"))  # >0: packed (THD) microbatches
     return cfg
 
 

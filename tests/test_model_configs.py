@@ -169,7 +169,7 @@ def test_dense_qwen3():
         ("deepseek_v2_lite", {"moe_layer_freq": 2}, "moe_layer_freq"),
         ("qwen3_30b_a3b", {"mlp_only_layers": [3, 7]}, "mlp_only_layers"),
         ("qwen3_30b_a3b", {"decoder_sparse_step": 2}, "decoder_sparse_step"),
-        ("qwen3_30b_a3b", {"architectures": ["Qwen2ForCausalLM"]}, "add_qkv_bias"),
+        ("qwen3_30b_a3b", {"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True}, "sliding"),
         ("qwen3_30b_a3b", {"architectures": ["LlamaForCausalLM"], "rope_scaling": {"rope_type": "llama3"}}, "llama3"),
         ("qwen3_30b_a3b", {"attention_bias": True}, "attention_bias"),
         ("qwen3_30b_a3b", {"hidden_act": "gelu"}, "hidden_act"),

@@ -34,7 +34,7 @@ def reference(request, tmp_path_factory):
 @pytest.mark.parametrize(
     "layout,nproc,impl",
     [("tp2", 2, "auto"), ("ep2", 2, "auto"), ("pp2", 2, "auto"), ("dp2", 2, "auto"), ("tp2ep2", 4, "auto"),
-     ("ws1", 1, "triton"), ("tp2", 2, "triton")],
+     ("ws1", 1, "triton"), ("tp2", 2, "triton"), ("tp2", 2, "triton-fused")],
 )  # fmt: skip
 def test_layout_matches_single_rank(reference, layout, nproc, impl):
     """impl=triton: the trainer's GPU loss path (r1mega_kernels through Triton's CPU interpreter; under TP=2 its
@@ -44,7 +44,7 @@ def test_layout_matches_single_rank(reference, layout, nproc, impl):
         pytest.skip("MLA is checked under TP=2 (the layout that shards its projections); EP/PP are attention-agnostic")
     out = tmp / f"{layout}_{impl}.json"
     args = ["--layout", layout, "--ckpt", str(tmp / "ckpt"), "--out", str(out), "--loss-impl", impl, *extra]
-    run_ranks(WORKER, args, nproc, env={"TRITON_INTERPRET": "1"} if impl == "triton" else None)
+    run_ranks(WORKER, args, nproc, env={"TRITON_INTERPRET": "1"} if impl.startswith("triton") else None)
     got = json.loads(out.read_text())
     mask = torch.tensor(ref["mask"])
 
@@ -61,3 +61,33 @@ def test_layout_matches_single_rank(reference, layout, nproc, impl):
     moved = float(((torch.tensor(ref["logp_after_step"]) - torch.tensor(ref["logp"])).abs() * mask).max())
     assert moved > 1e-3, "the optimizer step must change the log-probs for the next check to mean anything"
     assert max_diff("logp_after_step") < TOL
+
+
+@pytest.fixture(scope="module")
+def padded_reference(tmp_path_factory):
+    """The padded 1-rank run with the router's expert-bias update off: padded rows route their padding tokens,
+    which a packed batch never has, so that update (and only it) would legitimately differ."""
+    tmp = tmp_path_factory.mktemp("packed")
+    args = ["--layout", "ws1", "--ckpt", str(tmp / "ckpt"), "--out", str(tmp / "ws1.json"), "--save"]
+    run_ranks(WORKER, args, 1, env={"FROZEN_EXPERT_BIAS": "1"})
+    return tmp, json.loads((tmp / "ws1.json").read_text())
+
+
+@pytest.mark.parametrize("layout,nproc", [("ws1", 1), ("pp2", 2), ("ep2", 2)])
+def test_packed_matches_padded(padded_reference, layout, nproc):
+    """Sequence packing (THD, 40-token microbatches of 1-3 answers) gives the padded batch's log-probs, loss,
+    gradient norm and update. pp2: every microbatch padded to one shape; ep2: both DP ranks agree on the
+    microbatch count (the experts' all-to-alls)."""
+    tmp, ref = padded_reference
+    out = tmp / f"{layout}_packed.json"
+    args = ["--layout", layout, "--ckpt", str(tmp / "ckpt"), "--out", str(out)]
+    run_ranks(WORKER, args, nproc, env={"FROZEN_EXPERT_BIAS": "1", "PACK_TOKENS": "40"})
+    got = json.loads(out.read_text())
+    mask = torch.tensor(ref["mask"])
+    for key in ("logp", "entropy", "logp_after_step"):
+        assert float(((torch.tensor(ref[key]) - torch.tensor(got[key])).abs() * mask).max()) < TOL, key
+    assert abs(ref["loss"] - got["loss"]) < TOL
+    assert abs(ref["grad_norm"] - got["grad_norm"]) < TOL * max(1.0, ref["grad_norm"])
+    assert ref["clip_frac"] == pytest.approx(got["clip_frac"], abs=1e-9) and ref["kl"] == pytest.approx(got["kl"])
+    moved = float(((torch.tensor(ref["logp_after_step"]) - torch.tensor(ref["logp"])).abs() * mask).max())
+    assert moved > 1e-3

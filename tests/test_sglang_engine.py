@@ -9,8 +9,10 @@ The real engine on a GPU is not exercised here (see the module docstring of r1me
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import pickle
 import sys
 import types
 from pathlib import Path
@@ -40,6 +42,7 @@ class FakeEngine:
         self.buckets: list[list[str]] = []
         self.config = json.loads((Path(kwargs["model_path"]) / "config.json").read_text())
         self.responder = default_responder
+        self.drop: set[str] = set()  # names this fake SGLang has no parameter for
         FakeEngine.instances.append(self)
 
     def release_memory_occupation(self, tags=None):
@@ -57,24 +60,48 @@ class FakeEngine:
 
     def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
         assert "weights" not in self.offloaded, "weights written while released"
+        if load_format == "flattened_bucket":  # one serialized {"flattened_tensor", "metadata"} per TP rank
+            assert len(named_tensors) == self.kwargs["tp_size"], "one payload per SGLang TP rank"
+            data = FakeSerializer.deserialize(named_tensors[0])
+            named_tensors = FakeBucket(flattened_tensor=data["flattened_tensor"], metadata=data["metadata"])
+            named_tensors = named_tensors.reconstruct_tensors()
+            assert len({t.dtype for _, t in named_tensors}) == 1, "a flattened bucket holds one dtype"
+        else:
+            assert load_format is None, load_format
         names = [n for n, _ in named_tensors]
+        names = [n for n in names if n not in self.drop]  # SGLang drops names it has no parameter for, silently
         for n in names:  # deepseek_weight_loader fuses these two within one load_weights call
             if n.endswith("q_a_proj.weight"):
                 assert n.replace("q_a_proj", "kv_a_proj_with_mqa") in names, n
-        self.loaded.update({n: t.clone() for n, t in named_tensors})
+        self.loaded.update({n: t.clone() for n, t in named_tensors if n in names})
         self.buckets.append(names)
         self.calls.append(("update", (len(names), flush_cache)))
 
     def flush_cache(self):
         self.calls.append(("flush", None))
 
-    def generate(self, input_ids=None, sampling_params=None, return_logprob=False, **kw):
+    def get_weights_by_name(self, name, truncate_size=100):
+        """As sglang 0.5.17's LlamaForCausalLM: the first rows as float lists, None for an unknown name."""
+        assert self.config["architectures"][0] in ("LlamaForCausalLM",), "only some SGLang models implement it"
+        self.calls.append(("get_weights", name))
+        t = self.loaded.get(name)
+        return None if t is None else t.float()[:truncate_size].tolist()
+
+    def generate(self, input_ids=None, sampling_params=None, return_logprob=False, return_routed_experts=False, **kw):
         assert not self.offloaded, f"generate while {self.offloaded} released"
         assert self.loaded, "generate on dummy weights"
         assert return_logprob and not kw
+        assert not return_routed_experts or self.kwargs.get("enable_return_routed_experts"), "server flag missing"
         self.calls.append(("generate", len(input_ids)))
         self.last_request = (input_ids, sampling_params)
-        return [self.responder(i, ids, sp) for i, (ids, sp) in enumerate(zip(input_ids, sampling_params))]
+        outs = [self.responder(i, ids, sp) for i, (ids, sp) in enumerate(zip(input_ids, sampling_params))]
+        if return_routed_experts:  # int32 [seq_len - 1, num_hidden_layers, topk], base64 (skip_tokenizer_init)
+            layers, topk = self.config["num_hidden_layers"], self.config["num_experts_per_tok"]
+            for ids, o in zip(input_ids, outs):
+                n = len(ids) + len(o["output_ids"]) - 1
+                r = (torch.arange(n * layers * topk, dtype=torch.int32) % 4).reshape(n, layers, topk)
+                o["meta_info"]["routed_experts"] = base64.b64encode(r.numpy().tobytes()).decode()
+        return outs
 
     def shutdown(self):
         self.calls.append(("shutdown", None))
@@ -99,9 +126,53 @@ def default_responder(i, ids, sp):
     return {"output_ids": out, "meta_info": {"output_token_logprobs": lps, "finish_reason": reason}}
 
 
+class FakeBucket:
+    """sglang.srt.weight_sync.tensor_bucket.FlattenedTensorBucket's interface: one uint8 buffer + metadata."""
+
+    def __init__(self, named_tensors=None, flattened_tensor=None, metadata=None):
+        if named_tensors is not None:
+            flat = [t.flatten().view(torch.uint8) for _, t in named_tensors]
+            starts = [0]
+            for f in flat:
+                starts.append(starts[-1] + f.numel())
+            metadata = [
+                types.SimpleNamespace(name=n, shape=t.shape, dtype=t.dtype, start_idx=a, end_idx=b, numel=b - a)
+                for (n, t), a, b in zip(named_tensors, starts, starts[1:])
+            ]
+            flattened_tensor = torch.cat(flat)
+        self.flattened_tensor, self.metadata = flattened_tensor, metadata
+
+    def get_flattened_tensor(self):
+        return self.flattened_tensor
+
+    def get_metadata(self):
+        return self.metadata
+
+    def reconstruct_tensors(self):
+        return [
+            (m.name, self.flattened_tensor[m.start_idx : m.end_idx].view(m.dtype).reshape(m.shape))
+            for m in self.metadata
+        ]
+
+
+class FakeSerializer:
+    """sglang.srt.utils.MultiprocessingSerializer (pickling here; CUDA IPC handles on a GPU)."""
+
+    @staticmethod
+    def serialize(obj, output_str=False):
+        data = pickle.dumps(obj)
+        return base64.b64encode(data).decode() if output_str else data
+
+    @staticmethod
+    def deserialize(data):
+        return pickle.loads(base64.b64decode(data) if isinstance(data, str) else data)
+
+
 def install_fake_sglang() -> None:
     FakeEngine.instances.clear()
     sys.modules["sglang"] = types.SimpleNamespace(Engine=FakeEngine, __version__="fake")
+    sys.modules["sglang.srt.utils"] = types.SimpleNamespace(MultiprocessingSerializer=FakeSerializer)
+    sys.modules["sglang.srt.weight_sync.tensor_bucket"] = types.SimpleNamespace(FlattenedTensorBucket=FakeBucket)
 
 
 def small_config(tp: int = 1, ep: int = 1) -> Config:
@@ -139,7 +210,8 @@ def runtime():
 
 @pytest.fixture
 def setup(runtime, monkeypatch):
-    monkeypatch.setitem(sys.modules, "sglang", None)  # replaced below; restored after the test
+    for name in ("sglang", "sglang.srt.utils", "sglang.srt.weight_sync.tensor_bucket"):
+        monkeypatch.setitem(sys.modules, name, None)  # replaced below; restored after the test
     install_fake_sglang()
     from r1mega.rollout.sglang_engine import SGLangRolloutEngine
 

@@ -254,6 +254,29 @@ def push(engine, named: list[tuple[str, torch.Tensor]], bucket_bytes: int = 512 
     engine.flush_cache()
 
 
+def push_flattened(engine, named: list[tuple[str, torch.Tensor]], bucket_bytes: int = 512 << 20) -> float:
+    """The trainer's push path (r1mega/rollout/weight_push.py: single-dtype FlattenedTensorBucket over CUDA IPC,
+    a layer's experts in one bucket); returns GB/s."""
+    from r1mega.rollout.weight_push import flattened_payloads, plan_buckets
+
+    t0, nbytes = time.perf_counter(), 0
+    for bucket in plan_buckets(([(n, t.contiguous())] for n, t in named), bucket_bytes):
+        nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        payloads, flat = flattened_payloads(bucket, 1)
+        engine.update_weights_from_tensor(named_tensors=payloads, load_format="flattened_bucket", flush_cache=False)
+        del flat
+    engine.flush_cache()
+    sec = time.perf_counter() - t0
+    log(f"flattened push: {nbytes / 1e9:.3f} GB in {sec:.3f} s = {nbytes / 1e9 / sec:.2f} GB/s")
+    return nbytes / 1e9 / sec
+
+
+def fp32_lm_head(model) -> None:
+    """transformers' lm_head in fp32 from the bf16 hidden states and weight (the trainer's train.fp32_lm_head)."""
+    head = model.get_output_embeddings()
+    head.forward = lambda x: torch.nn.functional.linear(x.float(), head.weight.float())
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -377,6 +400,11 @@ def _main(args) -> int:
     hf_dir = args.hf_dir or make_tiny_hf(args.family, tmp / args.family)
     ref_dtype = torch.float32 if args.ref_fp32 else torch.bfloat16  # fp32: the bf16 weights upcast exactly
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=ref_dtype).cuda().eval()
+    extra = json.loads(args.engine_kwargs)
+    if args.fp32_lm_head:  # both sides: SGLang's enable_fp32_lm_head, transformers' head in fp32
+        fp32_lm_head(model)
+        extra.setdefault("enable_fp32_lm_head", True)
+    send = push_flattened if args.flattened else push
     if args.ref_fp32:  # the floor: transformers' own bf16 forward against the same fp32 reference
         bf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.bfloat16).cuda().eval()
         floor = []
@@ -394,17 +422,17 @@ def _main(args) -> int:
     dump_dir = tmp / "dump"
     log(f"start SGLang on {hf_dir} ({args.load})")
     try:
-        engine = start_sglang(hf_dir, args.load, dump_dir, json.loads(args.engine_kwargs))
+        engine = start_sglang(hf_dir, args.load, dump_dir, extra)
     except TypeError:  # an SGLang without the tensor dumper: log-prob gap and greedy only
-        dump_dir, engine = None, start_sglang(hf_dir, args.load, None, json.loads(args.engine_kwargs))
+        dump_dir, engine = None, start_sglang(hf_dir, args.load, None, extra)
     summary = {"model": str(args.hf_dir or args.family), "load": args.load}
     try:
         if args.load == "push":
-            push(engine, hf_tensors(model))
+            send(engine, hf_tensors(model))
             log("pushed")
         summary["same_weights"] = evaluate(model, engine, prompts, greedy_prompts, args, dump_dir, "same weights")
         perturb(model)
-        push(engine, hf_tensors(model))
+        send(engine, hf_tensors(model))
         if dump_dir is not None:
             for f in dump_dir.glob("*/Pass*.pt"):
                 f.unlink()
@@ -434,6 +462,8 @@ def main() -> None:  # pragma: no cover - GPU entry point, exercised on the H200
     ap.add_argument(
         "--ref-fp32", action="store_true", help="reference = transformers in fp32 (and print the bf16 floor)"
     )
+    ap.add_argument("--fp32-lm-head", action="store_true", help="LM head in fp32 on both sides (train.fp32_lm_head)")
+    ap.add_argument("--flattened", action="store_true", help="push as the trainer does (flattened buckets); GB/s")
     args = ap.parse_args()
     if not (args.family or args.hf_dir):
         ap.error("give --family or --hf-dir")

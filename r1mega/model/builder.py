@@ -6,12 +6,14 @@ megatron-local spec otherwise. Two local-spec gaps are filled here (see :func:`_
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
 from r1mega.config import ModelConfig, ParallelConfig, TrainConfig
+from r1mega.model.packed_attention import packed_local_attention
 
 
 def padded_vocab_size(vocab_size: int, model: ModelConfig, tp: int) -> int:
@@ -57,6 +59,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: Trai
         gated_linear_unit=model.activation == "swiglu",
         activation_func=F.silu if model.activation == "swiglu" else F.gelu,
         add_bias_linear=False,  # shared experts refuse biases; DeepSeek / Qwen3 use none
+        add_qkv_bias=model.add_qkv_bias,  # Qwen2: biases on q/k/v only
         hidden_dropout=0.0,  # RL recomputes log-probs: dropout would make them disagree with rollout
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
@@ -74,6 +77,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: Trai
         # DP ranks exactly (token-mean over tokens, seq-mean over sequences) instead of averaging means.
         calculate_per_token_loss=True,
         attention_backend=AttnBackend.auto if on_gpu else AttnBackend.local,
+        # activation recomputation (train.recompute_*): megatron checks the combination in its __post_init__
+        recompute_granularity=train.recompute_granularity,
+        recompute_method=train.recompute_method,
+        recompute_num_layers=train.recompute_num_layers,
     )
     if model.is_moe:
         k = model.first_k_dense_layers
@@ -195,13 +202,15 @@ def _local_block_spec(tcfg, use_te: bool):
         return block
     _without_te_fixes()
     block = TransformerBlockSubmodules(layer_specs=list(block.layer_specs), layer_norm=block.layer_norm)
-    mla_attn = _mla_local_core_attention() if tcfg.multi_latent_attention else None
+    # the local DotProductAttention refuses packed (THD) sequences: a block-diagonal reference (packing.py)
+    core_attn = packed_local_attention(_mla_local_core_attention() if tcfg.multi_latent_attention else None)
+    mla_attn = core_attn if tcfg.multi_latent_attention else None
     sp_norm = _sp_torch_norm() if tcfg.sequence_parallel else None
     for spec in block.layer_specs:
         sub = spec.submodules
+        sub.self_attention.submodules.core_attention = core_attn
         if mla_attn is not None:
             attn = sub.self_attention.submodules
-            attn.core_attention = mla_attn
             attn.linear_q_down_proj = attn.linear_kv_down_proj = _replicated_linear()
         if sp_norm is not None:
             attn = sub.self_attention.submodules
@@ -256,3 +265,35 @@ def _mark_expert_params(gpt) -> None:
     for name, p in gpt.named_parameters():
         if ".mlp.experts." in name:
             p.allreduce = False
+
+
+def output_weight(gpt) -> torch.Tensor:
+    """The LM head's weight [V/tp, H] (this rank's vocab shard; the embedding when tied)."""
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
+@contextlib.contextmanager
+def hidden_states_out(gpt):
+    """Within: the last pipeline stage's GPTModel returns its final hidden states [b, s, H] instead of logits.
+
+    megatron-core 0.16.1 has no switch for it, so the output layer's forward is swapped for the identity (with
+    the sequence-parallel all-gather the ColumnParallelLinear would do). For the fused linear + log-prob kernel;
+    no gradient flows through it (forward-only passes).
+    """
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    layer = getattr(gpt, "output_layer", None)
+    if layer is None or not gpt.post_process:
+        yield
+        return
+
+    def forward(hidden, weight=None, runtime_gather_output=None):
+        return (gather_from_sequence_parallel_region(hidden) if layer.sequence_parallel else hidden), None
+
+    layer.forward = forward
+    try:
+        yield
+    finally:
+        del layer.forward  # back to the class's forward

@@ -36,7 +36,7 @@ class MetricsSchema:
         tokens = max(total.get("tokens", 0.0), 1.0)
         out["train/loss"] = total["loss"] / len(done)
         out["train/grad_norm"] = total["grad_norm"] / len(done)
-        out.update({name: total[k] / tokens for k, name in self.token_means.items()})
+        out.update({name: total[k] / tokens for k, name in self.token_means.items() if k in total})
         return out
 
 
@@ -52,5 +52,7 @@ class Objective(Protocol):
     def loss(self, mb: Microbatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(loss sum, denominator, metric sums) of one microbatch; the loss is sum / denominator after the
         engine sums both over microbatches and data-parallel ranks. ``logits`` [b, S, V/tp] (vocab-parallel);
-        ``mb`` holds ``tokens`` [b, S], ``mask`` [b, S-1] and the batch's other per-token tensors."""
+        ``mb`` holds ``tokens`` [b, S], ``mask`` [b, S-1] and the batch's other per-token tensors. Packed
+        microbatches (``train.max_tokens_per_microbatch``) are one row [1, T] of several answers, with
+        ``seq_ids`` [1, T-1] naming each target token's answer: aggregate per answer by it (r1mega.grpo.loss)."""
         ...

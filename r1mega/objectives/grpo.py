@@ -27,7 +27,14 @@ from r1mega.objectives.base import MetricsSchema, Microbatch
 log = logging.getLogger(__name__)
 
 METRICS = MetricsSchema(
-    {"kl": "train/kl", "clip_frac": "train/clip_frac", "entropy": "train/entropy", "ratio": "train/ratio_mean"}
+    {
+        "kl": "train/kl",
+        "clip_frac": "train/clip_frac",
+        "entropy": "train/entropy",
+        "ratio": "train/ratio_mean",
+        "tis_weight": "train/tis_weight_mean",  # algo.tis only
+        "tis_masked": "train/tis_masked_frac",
+    }
 )
 
 
@@ -46,6 +53,9 @@ class GRPOSettings(LossSettings):
             loss_agg=a.loss_agg,
             ratio_level=a.ratio_level,
             max_len=cfg.rollout.sampling.max_new_tokens,
+            tis=a.tis,
+            tis_cap=a.tis_cap,
+            tis_seq_cap=a.tis_seq_cap,
             temperature=a.training_temperature(cfg.rollout.sampling),
             impl=a.loss_impl,
         )
@@ -59,6 +69,8 @@ class GRPOKernel:
     def supports(s: GRPOSettings) -> tuple[bool, str]:
         if s.ratio_level != "token":
             return False, f"algo.ratio_level={s.ratio_level!r} (GSPO) needs a per-sequence reduction the kernel lacks"
+        if s.tis != "none":
+            return False, f"algo.tis={s.tis!r}: the kernel has no rollout-correction weight / sequence mask"
         return True, ""
 
     @staticmethod
@@ -78,7 +90,7 @@ class GRPOKernel:
             parallel_state.get_tensor_model_parallel_rank(),
             parallel_state.get_tensor_model_parallel_world_size(),
         )
-        u, denom = aggregation_weights(mb["mask"], s.loss_agg, s.max_len)
+        u, denom = aggregation_weights(mb["mask"], s.loss_agg, s.max_len, seq_ids=mb.get("seq_ids"))
         # logits stay the [b, t, V] view of the model output (the last position sliced off): the kernels read it
         # through its strides (a reshape here would copy the whole logits); per-token inputs are [b, t].
         loss_sum, stats = r1mega_kernels.grpo_loss(
@@ -139,6 +151,9 @@ class GRPOObjective:
         if self._kernel is not None:
             return self._kernel(lg, targets, mb, ref, s)
         logp, ent = token_logprobs(lg, targets, s.temperature, with_entropy=True)
-        loss_sum, denom, metrics = grpo_loss(logp, mb["old_logp"], ref, mb["advantages"], mb["mask"], s)
+        rollout = mb.get("rollout_logp") if s.tis != "none" else None
+        loss_sum, denom, metrics = grpo_loss(
+            logp, mb["old_logp"], ref, mb["advantages"], mb["mask"], s, rollout, seq_ids=mb.get("seq_ids")
+        )  # seq_ids: packed microbatches (r1mega/packing.py) hold several answers per row
         metrics["entropy"] = (ent * mb["mask"]).sum()
         return loss_sum, denom, metrics

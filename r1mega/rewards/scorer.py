@@ -23,24 +23,19 @@ cached across calls.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
 import multiprocessing as mp
 import os
-import signal
 import threading
 import time
-import traceback
 import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
-from typing import Any
-
-from r1mega.procs import die_with_parent
 
 from .format import format_reward
 from .math import MAX_ANSWER_CHARS, extract_answer, fast_equivalent, is_equivalent
+from .workers import Worker, kill_worker, stop_workers, worker_main
 
 __all__ = ["RewardBatch", "RewardScorer", "DEFAULT_VERIFY_FN"]
 
@@ -52,7 +47,6 @@ _TIMEOUT = "timeout"
 _ERROR = "error"
 _MAX_CHUNK = 8
 _MAX_START_FAILURES = 3
-_WARMUP = (("\\frac{1}{2}", "0.5"), ("\\sqrt{8}", "2\\sqrt{2}"), ("(3,4]", "(3, 4]"), ("x=5", "5"))
 
 
 @dataclass
@@ -68,95 +62,6 @@ class RewardBatch:
 
 def _digest(pred: str, gold: str) -> bytes:
     return hashlib.blake2b(f"{gold}\x00{pred}".encode("utf-8", "surrogatepass"), digest_size=16).digest()
-
-
-def _load_fn(path: str):
-    """Import ``"package.module:function"``."""
-    module, _, attr = path.partition(":")
-    if not attr:
-        raise ValueError(f"verify_fn={path!r} must look like 'package.module:function'")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _worker_main(conn, verify_fn: str, parent_pid: int, lifeline) -> None:
-    """Worker loop: receive ``[(key, pred, gold), ...]``, send ``(key, ok, value)`` back for each item, in order.
-
-    The parent owns the timeout (it kills this process), so math-verify's own alarm is switched off here.
-    The worker dies with its parent through the kernel (:func:`r1mega.procs.die_with_parent`: a parent-death
-    signal and the ``lifeline`` pipe), not a watchdog thread: a worker busy in big-integer arithmetic holds
-    the GIL for minutes, and such a thread would never run.
-    """
-    die_with_parent(parent_pid, lifeline.fileno())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it stops the workers
-    try:
-        from r1mega.rewards import math as rmath
-
-        rmath.USE_MATH_VERIFY_ALARM = False
-        logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" / parse warnings
-        fn = _load_fn(verify_fn)
-        # The first math-verify call in a process pays ~1 s of lazy imports (sympy, the LaTeX parser); pay it
-        # before reporting ready so that a cold replacement worker does not time out on its first sample.
-        for pred, gold in _WARMUP:
-            rmath.is_equivalent(pred, gold)
-    except BaseException:  # noqa: BLE001 - report any start-up failure to the parent
-        conn.send(("fail", traceback.format_exc()))
-        return
-    conn.send(("ready", os.getpid()))
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        for key, pred, gold in msg:
-            try:
-                conn.send((key, True, bool(fn(pred, gold))))
-            except Exception as e:  # noqa: BLE001 - a verifier error costs only this sample
-                conn.send((key, False, f"{type(e).__name__}: {e}"[:300]))
-
-
-class _Worker:
-    __slots__ = ("proc", "conn", "lifeline", "ready", "started", "inflight", "deadline", "dead")
-
-    def __init__(self, proc, conn, lifeline) -> None:
-        self.proc = proc
-        self.conn = conn
-        self.lifeline = lifeline  # write end of the worker's lifeline pipe: never written, closed when we exit
-        self.ready = False
-        self.started = time.monotonic()
-        self.inflight: deque[int] = deque()
-        self.deadline = float("inf")
-        self.dead = False
-
-
-def _stop_workers(workers: list[_Worker], graceful: bool = True) -> None:
-    for w in workers:
-        if graceful and w.proc.is_alive() and not w.inflight:
-            try:
-                w.conn.send(None)
-            except (OSError, ValueError):
-                pass
-    for w in workers:
-        if graceful:
-            w.proc.join(timeout=0.5)
-        _kill(w)
-    workers.clear()
-
-
-def _kill(w: _Worker) -> None:
-    """Kill a worker process (a no-op if it already exited) and close its pipe."""
-    if w.proc.is_alive():
-        w.proc.kill()
-    w.proc.join(timeout=2.0)
-    for c in (w.conn, w.lifeline):
-        try:
-            c.close()
-        except OSError:
-            pass
 
 
 class RewardScorer:
@@ -201,13 +106,13 @@ class RewardScorer:
         self.think_in_prompt = think_in_prompt or bool(getattr(cfg, "think_in_prompt", False))
         self._cache: OrderedDict[bytes, object] = OrderedDict()  # digest of (pred, gold) -> verdict
         self._ctx = mp.get_context("spawn")
-        self._workers: list[_Worker] = []
+        self._workers: list[Worker] = []
         self._lock = threading.Lock()
         self._closed = False
         # counters for logging
         self.num_restarts = 0
         self.num_verified = 0  # (pred, gold) pairs sent to the verifier
-        self._finalizer = weakref.finalize(self, _stop_workers, self._workers, False)
+        self._finalizer = weakref.finalize(self, stop_workers, self._workers, False)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -221,7 +126,7 @@ class RewardScorer:
         """Stop the workers (idempotent). The scorer cannot be used afterwards."""
         with self._lock:
             self._closed = True
-            _stop_workers(self._workers, graceful=True)
+            stop_workers(self._workers, graceful=True)
             self._finalizer.detach()
 
     @property
@@ -252,11 +157,11 @@ class RewardScorer:
         if self._closed:
             raise RuntimeError("RewardScorer is closed")
 
-    def _spawn(self) -> _Worker:
+    def _spawn(self) -> Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         life_r, life_w = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
-            target=_worker_main,
+            target=worker_main,
             args=(child_conn, self.verify_fn, os.getpid(), life_r),
             name="r1mega-reward-worker",
             daemon=True,
@@ -264,7 +169,7 @@ class RewardScorer:
         proc.start()
         child_conn.close()
         life_r.close()
-        return _Worker(proc, parent_conn, life_w)
+        return Worker(proc, parent_conn, life_w)
 
     def _ensure_workers(self) -> None:
         for w in list(self._workers):
@@ -273,9 +178,9 @@ class RewardScorer:
         while len(self._workers) < self.num_workers:
             self._workers.append(self._spawn())
 
-    def _replace(self, w: _Worker) -> None:
+    def _replace(self, w: Worker) -> None:
         """Kill ``w`` (hung, crashed or failed to start) and start a fresh worker in its slot."""
-        _kill(w)
+        kill_worker(w)
         self._workers[self._workers.index(w)] = self._spawn()
         self.num_restarts += 1
 

@@ -40,7 +40,8 @@ class Rollout:
     response_ids: list[int]
     logprobs: list[float]  # log pi_rollout(token) per response token (NaN where the engine reports none)
     finished: bool
-    routed_experts: Optional[torch.Tensor] = field(default=None, repr=False)  # [tokens, layers, topk] (MoE)
+    # MoE, rollout.routing_replay: [prompt + response - 1 tokens, num_layers, topk] (r1mega/routing_replay.py)
+    routed_experts: Optional[torch.Tensor] = field(default=None, repr=False)
 
 
 class WeightSource(Protocol):

@@ -25,6 +25,11 @@ from megatron.core.transformer.utils import set_model_to_sequence_parallel
 from r1mega.config import Config, MegatronRolloutConfig
 from r1mega.model.builder import padded_vocab_size
 from r1mega.rollout.base import HFWeights, Rollout, SamplingParams, WeightSource
+from r1mega.routing_replay import record_routing
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 class MegatronRolloutEngine:
@@ -36,14 +41,23 @@ class MegatronRolloutEngine:
         r = cfg.rollout
         max_seq = r.max_seq_len or cfg.data.max_prompt_len + r.sampling.max_new_tokens
         vocab = padded_vocab_size(weights.vocab_size, cfg.model, cfg.parallel.tp)
-        return cls(weights.model, tokenizer, vocab, r.max_batch_size, max_seq)
+        return cls(weights.model, tokenizer, vocab, r.max_batch_size, max_seq, record_routing=r.routing_replay)
 
-    def __init__(self, model, tokenizer, padded_vocab_size: int, max_batch_size: int, max_seq_len: int) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        padded_vocab_size: int,
+        max_batch_size: int,
+        max_seq_len: int,
+        record_routing: bool = False,
+    ) -> None:
         self.model = model  # the unwrapped GPTModel shared with the trainer
         self.tokenizer = tokenizer
         self.padded_vocab_size = padded_vocab_size
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
+        self.record_routing = record_routing  # rollout.routing_replay: fill Rollout.routed_experts
         self._engine = None
 
     # -- engine construction (lazy: released memory is rebuilt on the next generate) --
@@ -134,8 +148,12 @@ class MegatronRolloutEngine:
             finished = len(ids) < params.max_new_tokens
             if finished:
                 ids, lps = ids + [eos], lps + [float("nan")]
-            # routed_experts stays None: megatron-core 0.16.1's inference path records no router choices
             out.append(Rollout(list(prompt), ids, lps, finished=finished))
+        if self.record_routing:  # the static engine's controller exposes no router choices: one RECORD forward
+            with self._inference_mode():
+                routes = record_routing(self.model, [r.prompt_ids + r.response_ids for r in out], _device(self.model))
+            for r, routed in zip(out, routes):
+                r.routed_experts = routed
         return _broadcast_from_model_parallel_src(out)
 
     def update_weights(self, source: WeightSource) -> None:

@@ -30,8 +30,10 @@ temporary directory and SGLang starts with ``load_format="dummy"`` (random weigh
 disk); the real weights are pushed before the first generate. Then ``skip_tokenizer_init=True``
 (token ids in and out), ``enable_memory_saver=True``, and from :class:`~r1mega.config.SGLangRolloutConfig`
 (``rollout=sglang``): ``attention_backend="triton"`` (FA3 is not in the carried kernel wheel),
-``sampling_backend="pytorch"``, ``disable_cuda_graph=True`` (first light; to be tuned). ``engine_kwargs``
-override any of these.
+``sampling_backend="pytorch"``, CUDA graphs on (``rollout.disable_cuda_graph=false``), ``chunked_prefill_size``,
+``enable_fp32_lm_head`` under ``train.fp32_lm_head``, ``enable_return_routed_experts`` under
+``rollout.routing_replay``. ``engine_kwargs`` override any of these. A Qwen3-MoE policy with dense layers is
+refused (SGLang 0.5.17 builds every Qwen3-MoE layer sparse and drops the dense layers' weights silently).
 
 Memory cycle (SGLang's memory saver drops the *contents* of released weights):
 ``release_memory`` releases every tag (weights, KV cache, CUDA graphs); ``update_weights`` resumes the
@@ -39,11 +41,14 @@ weights only and pushes; ``resume_memory`` resumes the rest; ``generate`` pushes
 weights were released since the last push (e.g. after ``evaluate``) -- so a push always follows a
 weight resume, as SGLang needs.
 
-Weight push: the :class:`~r1mega.rollout.base.WeightSource` streams (HF name, tensor) pairs in HF layouts
-(TP / EP gathered, ``iter_hf_buckets``), buckets of ``rollout.bucket_mb``, each sent with
-``update_weights_from_tensor(flush_cache=False)``, then one ``flush_cache()``. A bucket never splits a
-layer's ``q_a_proj`` / ``kv_a_proj_with_mqa`` pair (SGLang fuses them within one call). The engine never
-sees the model.
+Weight push: the :class:`~r1mega.rollout.base.WeightSource` streams (HF name, tensor) groups in HF layouts
+(TP / EP gathered), planned into single-dtype buckets of ``rollout.bucket_mb`` with a layer's experts together
+(:mod:`r1mega.rollout.weight_push`), each sent as a ``FlattenedTensorBucket`` over CUDA IPC
+(``load_format="flattened_bucket"``, ``flush_cache=False``), then one ``flush_cache()``. A bucket never splits
+a layer's ``q_a_proj`` / ``kv_a_proj_with_mqa`` pair (SGLang fuses them within one call). After the first push
+(and every ``rollout.verify_push_every``-th) a sample is read back with ``get_weights_by_name`` (SGLang drops
+unknown names silently). ``last_push_metrics``: bytes, seconds, GB/s, gather / convert / ipc_load / verify.
+The engine never sees the model.
 
 Responses: SGLang with ``skip_tokenizer_init`` returns the stop token inside ``output_ids`` and a
 log-prob for every output token; if a finished answer comes back without it, it is appended (log-prob
@@ -58,10 +63,11 @@ is not reproducible (``rollout.deterministic=true`` turns it on).
 from __future__ import annotations
 
 import json
-import math
+import logging
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,8 +76,17 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from r1mega.config import Config, SGLangRolloutConfig
-from r1mega.model.hf_export import hf_config_from_model_config
+from r1mega.model.hf_export import hf_architecture, hf_config_from_model_config
 from r1mega.rollout.base import Rollout, SamplingParams, WeightSource
+from r1mega.rollout.sglang_io import request_seed, sampling_dict, to_rollout
+from r1mega.rollout.weight_push import PushStats, flattened_payloads, plan_buckets, timed
+
+log = logging.getLogger(__name__)
+# sglang 0.5.17 implements Engine.get_weights_by_name only for these (models/{llama,granite,exaone4,opt}.py);
+# elsewhere it answers None for every name, so a push cannot be read back
+READABLE = {"LlamaForCausalLM", "GraniteForCausalLM", "Exaone4ForCausalLM", "OPTForCausalLM"}
+VERIFY_ROWS = 4  # get_weights_by_name(truncate_size): the first rows of each sampled tensor
+VERIFY_SAMPLES = 16
 
 WEIGHTS, KV_CACHE, CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"
 ALL_TAGS = (KV_CACHE, WEIGHTS, CUDA_GRAPH)  # sglang.srt.constants.GPU_MEMORY_ALL_TYPES
@@ -83,52 +98,6 @@ def _import_sglang():
     except ImportError as e:  # never part of the CPU install: the `sglang` extra, on the GPU machine
         raise ImportError("rollout=sglang needs SGLang (pip install 'r1mega[sglang]', GPU only)") from e
     return sglang
-
-
-def request_seed(seed: int, dp_rank: int, index: int) -> int:
-    """A distinct, reproducible per-request seed (SGLang's ``sampling_seed`` is per request)."""
-    return (seed * 1_000_003 + dp_rank * 65_537 + index) % (2**31 - 1)
-
-
-def sampling_dict(params: SamplingParams, eos_id: int, seed: Optional[int]) -> dict[str, Any]:
-    sp: dict[str, Any] = {
-        "temperature": float(params.temperature),
-        "top_p": float(params.top_p),
-        "top_k": int(params.top_k) if params.top_k > 0 else -1,  # ours: 0 = off; SGLang: -1 = off, 1 = greedy
-        "max_new_tokens": int(params.max_new_tokens),
-        "stop_token_ids": [int(eos_id)],
-        "no_stop_trim": True,
-        "skip_special_tokens": False,
-    }
-    if seed is not None:
-        sp["sampling_seed"] = seed
-    return sp
-
-
-def to_rollout(prompt: list[int], out: dict[str, Any], eos_id: int) -> Rollout:
-    """One SGLang ``generate`` output -> Rollout (response ends with the stop token iff finished)."""
-    ids = [int(t) for t in out["output_ids"]]
-    meta = out.get("meta_info") or {}
-    entries = meta.get("output_token_logprobs") or []
-    lps = [float(e[0]) if e[0] is not None else math.nan for e in entries]
-    toks = [int(e[1]) for e in entries]
-    n = min(len(ids), len(toks))
-    if toks[:n] != ids[:n]:
-        raise RuntimeError(f"SGLang log-probs are not aligned with output_ids: {toks[:8]} vs {ids[:8]}")
-    reason = meta.get("finish_reason") or {}
-    kind = reason.get("type") if isinstance(reason, dict) else None
-    if kind == "abort":
-        raise RuntimeError(f"SGLang aborted a request: {reason.get('message')}")
-    finished = kind == "stop"
-    if finished:
-        stop = reason.get("matched")
-        stop = int(stop) if isinstance(stop, int) else eos_id
-        if not ids or ids[-1] != stop:  # a trimmed stop token goes back: the policy must learn to stop
-            ids.append(stop)
-    elif ids and ids[-1] == eos_id:
-        finished = True  # EOS as the very last allowed token
-    lps = lps[: len(ids)] + [math.nan] * (len(ids) - len(lps))
-    return Rollout(list(prompt), ids, lps, finished=finished)
 
 
 class SGLangRolloutEngine:
@@ -153,6 +122,15 @@ class SGLangRolloutEngine:
                 f"rollout=sglang needs parallel.pp=1 and parallel.cp=1 (got pp={par.pp}, cp={par.cp}): "
                 "each engine needs every layer of the model"
             )
+        arch = hf_architecture(cfg.model)
+        if arch == "Qwen3MoeForCausalLM" and cfg.model.first_k_dense_layers > 0:
+            raise ValueError(
+                f"rollout=sglang cannot serve this Qwen3-MoE policy: model.first_k_dense_layers="
+                f"{cfg.model.first_k_dense_layers}, but SGLang 0.5.17 builds every Qwen3-MoE layer sparse and drops "
+                "the dense layers' pushed weights without an error (docs/perf/sglang.md). Use "
+                "model.first_k_dense_layers=0 (as Qwen3-30B-A3B) or rollout=megatron"
+            )
+        self.arch = arch
         self.settings: SGLangRolloutConfig = cfg.rollout  # rollout=sglang (checked by build_rollout_engine)
         self.cfg, self.weights, self.tokenizer = cfg, weights, tokenizer
         self.bucket_bytes = bucket_bytes or self.settings.bucket_mb << 20
@@ -169,6 +147,10 @@ class SGLangRolloutEngine:
         self._model_dir: Optional[Path] = None
         self._released: set[str] = set()
         self._weights_synced = False
+        self._pushes = 0
+        self.last_push_metrics: dict[str, float] = {}  # the step log's push/ metrics (the trainer reads them)
+        m = cfg.model
+        self._routing = (m.num_layers, m.moe_router_topk) if cfg.rollout.routing_replay and m.is_moe else None
         base_gpu = self._check_gpu_layout()
         if self.is_owner:
             self._start(base_gpu)
@@ -219,8 +201,14 @@ class SGLangRolloutEngine:
             max_running_requests=self.settings.max_batch_size,
             log_level="error",
         )
+        if self.settings.chunked_prefill_size is not None:
+            kwargs["chunked_prefill_size"] = self.settings.chunked_prefill_size
+        if self._routing is not None:
+            kwargs["enable_return_routed_experts"] = True
         if self.settings.deterministic:
             kwargs["enable_deterministic_inference"] = True
+        if self.cfg.train.fp32_lm_head:  # server_args.py of sglang 0.5.17: logits in fp32 (logits_processor.py)
+            kwargs["enable_fp32_lm_head"] = True
         kwargs.update(self.engine_kwargs)
         self._engine = sgl.Engine(**kwargs)
 
@@ -251,15 +239,70 @@ class SGLangRolloutEngine:
 
     # ------------------------------------------------------------------------------ weights
     def update_weights(self, source: WeightSource) -> None:
-        """Push the trainer's weights (collective over the TP / EP groups: every rank must call it)."""
+        """Push the trainer's weights (collective over the TP / EP groups: every rank must call it).
+
+        Single-dtype flattened buckets (r1mega/rollout/weight_push.py) over CUDA IPC; after the first push and
+        every ``rollout.verify_push_every``-th, a sample is read back; ``last_push_metrics`` has the split.
+        """
         self._resume([WEIGHTS])  # the weights must be resident to be written; the KV cache can wait
-        for bucket in source.hf_buckets(self.bucket_bytes, self.dtype):
+        stats, sample = PushStats(), {}
+        groups = source.hf_buckets(1, self.dtype)  # a 1-byte bucket size yields the export's groups one by one
+        for bucket in timed(stats, "gather", plan_buckets(groups, self.bucket_bytes)):
+            stats.buckets += 1
+            stats.tensors += len(bucket)
+            stats.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            if len(sample) < VERIFY_SAMPLES:
+                name, t = bucket[0]
+                sample[name] = t[:VERIFY_ROWS].detach().float().cpu()
             if self._engine is not None:
-                self._engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False)
+                self._send(bucket, stats)
             del bucket
         if self._engine is not None:
             self._engine.flush_cache()  # no prefix computed with the old weights may be reused
+        stats.seconds = time.perf_counter() - stats.started
+        every = self.settings.verify_push_every
+        if every and self._engine is not None and self._pushes % every == 0:
+            t0 = time.perf_counter()
+            self._verify(sample)
+            stats.verify = time.perf_counter() - t0
+        self._pushes += 1
+        self.last_push_metrics = stats.metrics()
         self._weights_synced = True
+
+    def _send(self, bucket, stats: PushStats) -> None:
+        if not self.settings.flattened_bucket:
+            t0 = time.perf_counter()
+            self._engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False)
+            stats.times["ipc_load"] += time.perf_counter() - t0
+            return
+        t0 = time.perf_counter()
+        payloads, flat = flattened_payloads(bucket, self._tp_size)
+        t1 = time.perf_counter()
+        self._engine.update_weights_from_tensor(
+            named_tensors=payloads, load_format="flattened_bucket", flush_cache=False
+        )
+        stats.times["convert"] += t1 - t0
+        stats.times["ipc_load"] += time.perf_counter() - t1
+        del flat  # SGLang has loaded it (the call returns after the schedulers did): the buffer may go
+
+    def _verify(self, sample: dict[str, torch.Tensor]) -> None:
+        """Read back the first rows of sampled pushed tensors; SGLang drops unknown names silently."""
+        if self.arch not in READABLE:
+            log.warning("rollout=sglang: push not verified, SGLang 0.5.17 has no get_weights_by_name for %s", self.arch)
+            return
+        for name, want in sample.items():
+            got = self._engine.get_weights_by_name(name, truncate_size=VERIFY_ROWS)
+            if got is None:
+                raise RuntimeError(
+                    f"rollout=sglang: the pushed tensor {name} did not land (SGLang has no parameter it maps to); "
+                    "check the HF name mapping of this architecture (r1mega/model/hf_export.py)"
+                )
+            got = torch.as_tensor(got, dtype=torch.float32).reshape(want.shape)
+            if not torch.allclose(got, want, rtol=1e-2, atol=1e-3):
+                err = (got - want).abs().max().item()
+                raise RuntimeError(
+                    f"rollout=sglang: {name} in SGLang differs from the pushed tensor (max |diff| {err:.3g})"
+                )
 
     # ------------------------------------------------------------------------------ generation
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
@@ -273,14 +316,16 @@ class SGLangRolloutEngine:
                 None if params.seed is None else request_seed(params.seed, self._dp_rank, i)
                 for i in range(len(prompts))
             ]
+            extra = {"return_routed_experts": True} if self._routing is not None else {}
             results = self._engine.generate(
                 input_ids=[list(map(int, p)) for p in prompts],
                 sampling_params=[sampling_dict(params, eos, s) for s in seeds],
                 return_logprob=True,
+                **extra,
             )
             if len(results) != len(prompts):
                 raise RuntimeError(f"SGLang returned {len(results)} outputs for {len(prompts)} prompts")
-            out = [to_rollout(p, r, eos) for p, r in zip(prompts, results)]
+            out = [to_rollout(p, r, eos, self._routing) for p, r in zip(prompts, results)]
         elif self.is_owner:
             out = []
         if self._tp_size > 1:

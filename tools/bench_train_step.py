@@ -1,0 +1,281 @@
+"""Training-step throughput on one GPU (issue 13): packed vs padded GRPO steps at real MoE layer shapes, and the
+log-prob pass at T = 32k, V = 152k (eager vs logprob_entropy kernel vs fused linear + log-prob).
+
+    python tools/bench_train_step.py                 # the H200 run: both models, bf16 + FP8 blockwise, both layouts
+    python tools/bench_train_step.py --dry-run       # tiny model on the CPU in seconds (tests/test_bench_train_step.py)
+
+Models (reduced depth, real layer shapes): ``qwen3`` = Qwen3-30B-A3B layers (hidden 2048, 32 q / 4 kv heads of
+128, q/k norm, 128 experts top-8 of FFN 768, vocab 151936); ``dsv3`` = DeepSeek-V3 layers (hidden 7168, MLA with
+128 heads, q_lora 1536, kv_lora 512, qk 128 + rope 64, v 128; experts of FFN 2048 top-8 plus a 2048 shared
+expert, sigmoid router with expert bias, vocab 129280) with 32 routed experts instead of 256 (what one GPU of
+an EP=8 layout holds). Each step is one optimizer step (``MegatronEngine.forward_backward``, the GRPO objective
+on its kernel path) over ``--tokens`` real tokens of ragged RL rows (lengths long-tailed: lognormal, mean ~2k,
+clipped to [64, 16k]); ``padded`` = today's row microbatches padded to the batch's longest row, ``packed`` =
+THD microbatches of ``--budget`` tokens (train.max_tokens_per_microbatch).
+
+MFU (real tokens only; padding is waste, not work):
+    FLOPs/step = 6 * N_active * T_real + sum_layers sum_seqs 3 * L_i^2 * n_heads * (d_qk + d_v)
+    N_active   = non-embedding parameters, routed experts counted at top_k / num_experts (LM head included)
+    attention  = fwd + bwd (x3) of QK^T and PV (2 FLOPs per MAC), causal (half of L^2)
+    MFU        = FLOPs/step / step time / peak, reported against 989 TFLOP/s (H200 dense bf16 spec) and the
+                 ~790 TFLOP/s bf16 matmul ceiling measured on our H200 (docs/perf/kernels.md).
+Time split: one profiled step (torch.profiler), CUDA kernel time bucketed by kernel name (attention: flash /
+fmha / sdpa; experts: grouped GEMM; dispatch: permute / sort / scatter / index; loss: the GRPO + log-prob
+kernels; other GEMMs; rest). Bucketing by name is a heuristic: the buckets' kernel names are printed with --verbose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "kernels")]
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+PEAKS = {"989 spec": 989e12, "790 measured": 790e12}
+BUCKETS = [
+    ("attention", r"flash|fmha|attn|sdpa|softmax"),
+    ("experts", r"grouped|group_gemm|GroupedGemm|moe_gemm"),
+    ("dispatch", r"permute|sort|scatter|gather|index|topk|histc|all_to_all|nccl"),
+    ("loss", r"grpo|_stats|logprob|cross_entropy"),
+    ("gemm", r"gemm|cutlass|sm90|sm80|cublas|nvjet|matmul"),
+]
+
+
+def model_config(name: str, layers: int, dry: bool):
+    from r1mega.config import ModelConfig
+
+    m = ModelConfig(num_layers=layers, vocab_size=0)
+    if dry:  # the tiny CPU model (tests/parallel_worker.py's shapes)
+        m.hidden_size, m.num_attention_heads, m.ffn_hidden_size, m.max_position_embeddings = 64, 4, 128, 256
+        m.num_experts, m.moe_ffn_hidden_size, m.moe_shared_expert_intermediate_size, m.moe_router_topk = 4, 32, 32, 2
+        return m, 512
+    m.max_position_embeddings = 32768
+    if name == "qwen3":
+        m.hidden_size, m.num_attention_heads, m.num_query_groups, m.kv_channels = 2048, 32, 4, 128
+        m.qk_layernorm, m.rotary_base, m.ffn_hidden_size = True, 1e6, 6144
+        m.num_experts, m.moe_router_topk, m.moe_ffn_hidden_size = 128, 8, 768
+        m.moe_shared_expert_intermediate_size, m.moe_router_score_function = None, "softmax"
+        m.moe_router_enable_expert_bias, m.moe_router_dtype = False, "fp32"
+        return m, 151936
+    m.hidden_size, m.num_attention_heads, m.ffn_hidden_size = 7168, 128, 18432
+    m.multi_latent_attention, m.q_lora_rank, m.kv_lora_rank = True, 1536, 512
+    m.qk_head_dim, m.qk_pos_emb_head_dim, m.v_head_dim, m.qk_layernorm = 128, 64, 128, True
+    m.position_embedding_type = "none"
+    m.num_experts, m.moe_router_topk, m.moe_ffn_hidden_size, m.moe_shared_expert_intermediate_size = 32, 8, 2048, 2048
+    m.moe_router_score_function, m.moe_router_enable_expert_bias, m.moe_router_dtype = "sigmoid", True, "fp32"
+    m.moe_router_topk_scaling_factor = 2.5
+    return m, 129280
+
+
+def ragged_lengths(total: int, mean: float, cap: int, seed: int = 0) -> list[int]:
+    """Row lengths (prompt + response) until ``total`` tokens: lognormal (sigma 1, long right tail), mean ~``mean``."""
+    g = torch.Generator().manual_seed(seed)
+    sigma = 1.0
+    mu = math.log(mean) - sigma**2 / 2
+    out: list[int] = []
+    while sum(out) < total:
+        n = float(torch.empty(1).log_normal_(mu, sigma, generator=g))
+        out.append(int(min(max(n, 64 if cap >= 1024 else 8), cap)))
+    return out
+
+
+def make_batch(lengths: list[int], vocab: int, prompt: int, multiple: int):
+    from r1mega.batch import TokenBatch
+
+    g = torch.Generator().manual_seed(1)
+    s = -(-max(lengths) // multiple) * multiple
+    tokens = torch.randint(0, vocab, (len(lengths), s), generator=g)
+    mask = torch.zeros(len(lengths), s - 1)
+    for i, n in enumerate(lengths):
+        p = min(prompt, n // 2)
+        mask[i, p - 1 : n - 1] = 1.0
+    adv = torch.randn(len(lengths), 1, generator=g) * mask
+    return TokenBatch(tokens=tokens, mask=mask, advantages=adv)
+
+
+def active_params(gpt, topk: int, experts: int) -> float:
+    n = 0.0
+    for name, p in gpt.named_parameters():
+        if "embedding" in name:
+            continue
+        n += p.numel() * (topk / experts if ".mlp.experts." in name else 1.0)
+    return n
+
+
+def step_flops(m, n_active: float, lengths: list[int]) -> float:
+    heads = m.num_attention_heads
+    if m.multi_latent_attention:
+        d = (m.qk_head_dim + m.qk_pos_emb_head_dim) + m.v_head_dim
+    else:
+        d = 2 * (m.kv_channels or m.hidden_size // heads)
+    attn = m.num_layers * sum(3.0 * n * n * heads * d for n in lengths)
+    return 6.0 * n_active * sum(lengths) + attn
+
+
+def bucket_times(prof, verbose: bool) -> dict[str, float]:
+    """CUDA kernel time (ms) per bucket of one profiled step."""
+    out = {name: 0.0 for name, _ in BUCKETS} | {"other": 0.0}
+    names: dict[str, list[str]] = {k: [] for k in out}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", getattr(ev, "cuda_time_total", 0.0)) / 1e3
+        if t <= 0 or ev.key.startswith("ProfilerStep"):
+            continue
+        name = next((b for b, pat in BUCKETS if re.search(pat, ev.key, re.I)), "other")
+        out[name] += t
+        names[name].append(ev.key[:60])
+    if verbose:
+        for k, v in names.items():
+            print(f"    {k}: {sorted(set(v))[:12]}")
+    return out
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_step(args, rt, name: str, precision: str, mode: str) -> None:
+    from r1mega.config import Config
+    from r1mega.engine import MegatronEngine
+    from r1mega.objectives.grpo import GRPOObjective
+
+    cfg = Config()
+    cfg.model, vocab = model_config(name, args.layers, args.dry_run)
+    cfg.train.precision = "bf16" if precision != "fp32" else "fp32"
+    cfg.train.fp8 = "blockwise" if precision == "fp8" else None
+    cfg.train.micro_batch_size = max(1, args.budget // args.max_len)
+    cfg.train.max_tokens_per_microbatch = args.budget if mode == "packed" else 0
+    cfg.algo.beta = 0.0  # no reference model: one model's memory
+    cfg.optim.lr = 1e-6
+    dev = rt.device
+    engine = MegatronEngine(cfg, rt, vocab)
+    objective = GRPOObjective.from_config(cfg, dev)
+    lengths = ragged_lengths(args.tokens, args.mean_len, args.max_len)
+    batch = make_batch(lengths, vocab, args.prompt_len, engine.seq_multiple)
+    n_active = active_params(engine.model, cfg.model.moe_router_topk, cfg.model.num_experts)
+    flops = step_flops(cfg.model, n_active, lengths)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(dev)
+    t0 = time.perf_counter()
+    batch.old_logp, _ = engine.compute_logprobs(batch, 1.0)
+    sync(dev)
+    t_logp = time.perf_counter() - t0
+    engine.forward_backward(batch, objective, cfg.optim.lr)  # warm-up
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        engine.forward_backward(batch, objective, cfg.optim.lr)
+    sync(dev)
+    dt = (time.perf_counter() - t0) / args.steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+    mfu = "  ".join(f"MFU({k})={flops / dt / v:.3f}" for k, v in PEAKS.items())
+    print(
+        f"{name:6s} {precision:5s} {mode:6s} rows={len(lengths)} real_tokens={sum(lengths)} "
+        f"padded_tokens={batch.tokens.numel()} step={dt * 1e3:.1f} ms tokens/s={sum(lengths) / dt:,.0f} "
+        f"TFLOP/s={flops / dt / 1e12:.1f} {mfu} peak_mem={peak:.1f} GiB logprob_pass={t_logp * 1e3:.1f} ms "
+        f"N_active={n_active / 1e6:.1f}M"
+    )
+    if args.profile and dev.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.forward_backward(batch, objective, cfg.optim.lr)
+            sync(dev)
+        split = bucket_times(prof, args.verbose)
+        total = sum(split.values()) or 1.0
+        print("    split: " + "  ".join(f"{k}={v:.1f}ms ({v / total:.0%})" for k, v in split.items()))
+    del engine, objective, batch
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_logprob_pass(args, dev) -> None:
+    """T real tokens, vocab V, hidden H: the old-policy / reference pass from the final hidden states."""
+    from r1mega.grpo.logprobs import kernel_token_logprobs, kernels_available, token_logprobs
+
+    t, v, h = (256, 512, 64) if args.dry_run else (32768, 151936, 2048)
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    hidden = torch.randn(1, t, h, device=dev, dtype=dtype, generator=g)
+    weight = torch.randn(v, h, device=dev, dtype=dtype, generator=g) / math.sqrt(h)
+    targets = torch.randint(0, v, (1, t), device=dev, generator=g)
+    paths = {"eager": lambda: token_logprobs(hidden @ weight.t(), targets, 1.0, with_entropy=True)}
+    if kernels_available():
+        from r1mega.grpo.logprobs import fused_token_logprobs
+
+        paths["kernel"] = lambda: kernel_token_logprobs(hidden @ weight.t(), targets, 1.0)
+        paths["fused"] = lambda: fused_token_logprobs(hidden, weight, targets, 1.0)
+    ref = None
+    for name, fn in paths.items():
+        fn()  # warm-up / compile
+        sync(dev)
+        base = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            logp, ent = fn()
+        sync(dev)
+        dt = (time.perf_counter() - t0) / args.steps
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**30 if dev.type == "cuda" else float("nan")
+        err = "" if ref is None else f" max|dlogp|={float((logp - ref).abs().max()):.2e}"
+        ref = logp if ref is None else ref
+        print(f"logprob T={t} V={v} H={h} {name:6s} {dt * 1e3:8.2f} ms (incl. the LM-head matmul) "
+              f"peak_extra={extra:.2f} GiB{err}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script in seconds")
+    ap.add_argument("--models", default="qwen3,dsv3")
+    ap.add_argument("--precisions", default="bf16,fp8")
+    ap.add_argument("--modes", default="padded,packed")
+    ap.add_argument("--layers", type=int, default=None, help="default: qwen3 4, dsv3 2 (dry run 2)")
+    ap.add_argument("--tokens", type=int, default=65536, help="real tokens per optimizer step")
+    ap.add_argument("--mean-len", type=float, default=2048)
+    ap.add_argument("--max-len", type=int, default=16384)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--budget", type=int, default=16384, help="train.max_tokens_per_microbatch for packed")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--no-logprob", dest="logprob", action="store_false")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        args.tokens, args.mean_len, args.max_len, args.prompt_len, args.budget, args.steps = 400, 24, 64, 6, 128, 1
+        args.models, args.precisions = "qwen3", "fp32"
+
+    from r1mega.config import ParallelConfig
+    from r1mega.parallel.runtime import init_runtime, shutdown_runtime
+
+    rt = init_runtime(ParallelConfig(), seed=1, device="cpu" if args.dry_run else "auto")
+    try:
+        for name in args.models.split(","):
+            layers = args.layers or (2 if args.dry_run or name == "dsv3" else 4)
+            for precision in args.precisions.split(","):
+                for mode in args.modes.split(","):
+                    try:
+                        bench_step(argparse.Namespace(**{**vars(args), "layers": layers}), rt, name, precision, mode)
+                    except Exception as e:  # noqa: BLE001 - one configuration failing must not hide the others
+                        print(f"{name} {precision} {mode}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                        if args.dry_run:
+                            raise
+        if args.logprob:
+            bench_logprob_pass(args, rt.device)
+    finally:
+        shutdown_runtime()
+
+
+if __name__ == "__main__":
+    main()
