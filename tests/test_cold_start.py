@@ -114,7 +114,7 @@ def test_end_of_turn_is_the_chat_templates_not_the_disagreeing_eos_token(chatml,
 
 def test_sft_targets_stops_and_decode_use_the_end_of_turn(chatml):
     from r1mega.rollout.base import SamplingParams
-    from r1mega.rollout.sglang_engine import sampling_dict
+    from r1mega.rollout.sglang_io import sampling_dict
     from r1mega.sft import demonstration_batch
 
     tok = build_tokenizer(str(chatml))

@@ -71,3 +71,29 @@ def test_preset_sft_and_grpo_steps_run_on_cpu(tiny_llama, tmp_path):
     assert steps[0]["train/kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the SFT model
     assert all(r["rollout/logp_diff_max"] < 1e-4 for r in steps)  # megatron rollout == trainer on the CPU
     assert all(r["response/length_mean"] <= 8 for r in steps)
+
+
+def test_r1mega_eval_reads_an_hf_folder_and_answers_as_transformers(tiny_llama, tmp_path):
+    """r1mega-eval with model.hf_path (how the e2e bench evaluates the cold-start, r1mega and TRL checkpoints):
+    its greedy answers are transformers' greedy answers of the same folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from r1mega.data.tokenizer import build_tokenizer
+    from r1mega.eval.templates import prompt_text
+
+    args = [
+        "+preset=smollm2_gsm8k", f"model.hf_path={tiny_llama}", "rollout=megatron", "train.device=cpu",
+        "train.precision=fp32", "eval.sets=[gsm8k]", "eval.limit=2", "eval.greedy=true", "eval.max_new_tokens=8",
+        "reward.num_workers=1", "logging.wandb_mode=disabled", f"logging.out_dir={tmp_path}", "train.threads=1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GSM8K_DIR": GSM8K_DIR}
+    proc = subprocess.run([sys.executable, "-m", "r1mega.eval.cli", *args], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "eval.json").read_text())["sets"]["gsm8k"]
+    tok = build_tokenizer(str(tiny_llama))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    for row in rows:
+        ids = torch.tensor([tok.encode(prompt_text(row["question"], "chat", tok))])
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_id, pad_token_id=0)
+        assert row["samples"][0]["response"] == tok.decode(out[0, ids.shape[1] :].tolist())

@@ -30,11 +30,12 @@ def build_policy_and_engine(cfg, runtime, tokenizer):
     from r1mega.rollout import build_rollout_engine
 
     cfg.algo.beta = 0.0  # no reference model
-    policy = MegatronEngine(cfg, runtime, tokenizer.vocab_size)
-    hf_path = getattr(cfg.model, "hf_path", None)  # model.hf_path arrives with the HF-loading branch
-    if hf_path:
-        # HF checkpoint loading goes here: load `hf_path`'s weights into policy.model (the HF branch's loader).
-        raise ConfigError("model.hf_path is not supported by this build yet; convert to model.checkpoint")
+    policy = MegatronEngine(cfg, runtime, cfg.model.vocab_size or tokenizer.vocab_size)
+    if cfg.model.hf_path and not cfg.model.checkpoint:  # an HF folder (cfg.model resolved from it in run)
+        from r1mega.model.hf_load import load_hf_weights
+
+        load_hf_weights(policy.model, cfg.model)
+        return policy, build_rollout_engine(cfg, policy.weights, tokenizer)
     if not cfg.model.checkpoint:
         raise ConfigError("nothing to evaluate: set model.checkpoint=<megatron checkpoint dir> (or model.hf_path)")
     load_model(policy.model, cfg.model.checkpoint)
@@ -54,10 +55,12 @@ def run(cfg):
     from r1mega.eval.report import report
     from r1mega.eval.runner import EvalSettings, evaluate
     from r1mega.eval.templates import encode_prompts
+    from r1mega.model.hf_load import resolve_model_config
     from r1mega.parallel.runtime import dist_env_from_environ, init_runtime, shutdown_runtime
     from r1mega.rewards import RewardScorer
     from r1mega.tracking import Tracker
 
+    cfg.model = resolve_model_config(cfg.model)  # model.hf_path: the architecture (and tokenizer) of its folder
     validate(cfg, world_size=dist_env_from_environ().world_size)
     settings = EvalSettings.from_config(cfg)
     tokenizer = build_tokenizer(cfg.model.tokenizer)
