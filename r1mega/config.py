@@ -317,12 +317,15 @@ class OptimConfig:
 
 @dataclass
 class SFTConfig:
-    """Cold-start SFT on generated <think>/<answer> demonstrations (R1 stage 1); steps=0 skips it."""
+    """Cold-start SFT on worked <think>/<answer> demonstrations (R1 stage 1); steps=0 skips it."""
 
     steps: int = 0
     lr: float = 1e-3
     batch_size: int = 64
     num_examples: int = 2000
+    # a JSONL of GSM8K-style worked solutions (data.answer_key = steps + '#### N'), rewritten in R1 format; its
+    # num_examples demonstrations are removed from the RL prompts (r1mega/data/cold_start.py). None = the task's own
+    path: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check(self, "sft", positive="lr batch_size num_examples", nonneg="steps")

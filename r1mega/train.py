@@ -86,6 +86,7 @@ class _Run:
     tracker: Any
     train_set: list
     eval_set: list
+    sft_set: list  # the cold-start demonstrations (held out from train_set when sft.path is set)
     tokenizer: Any
 
 
@@ -94,6 +95,7 @@ def _build(cfg, runtime, teardown: ExitStack, run_id: str) -> _Run:
     from omegaconf import OmegaConf
     from rich.console import Console
 
+    from r1mega.data.cold_start import split_cold_start
     from r1mega.data.tasks import load_problems
     from r1mega.data.tokenizer import build_tokenizer
     from r1mega.engine import MegatronEngine
@@ -106,6 +108,7 @@ def _build(cfg, runtime, teardown: ExitStack, run_id: str) -> _Run:
     console = Console(stderr=True, quiet=not runtime.is_main)
     tokenizer = build_tokenizer(cfg.model.tokenizer)
     train_set, eval_set = load_problems(cfg.data)
+    train_set, sft_set = split_cold_start(train_set, eval_set, cfg)
     policy = MegatronEngine(cfg, runtime, cfg.model.vocab_size or tokenizer.vocab_size)
     n_params = sum(p.numel() for p in policy.model.parameters())
     console.print(
@@ -126,7 +129,7 @@ def _build(cfg, runtime, teardown: ExitStack, run_id: str) -> _Run:
     sampler = PromptSampler(train_set, cfg.rollout.prompts_per_step, dp_rank, dp_size, cfg.data.seed)
     trainer = GRPOTrainer(cfg, policy, engine, scorer, tokenizer, sampler)
     check_training_sets(cfg, tokenizer, eval_set, getattr(engine, "max_seq_len", None))  # eval.sets, before any step
-    return _Run(console, policy, trainer, tracker, train_set, eval_set, tokenizer)
+    return _Run(console, policy, trainer, tracker, train_set, eval_set, sft_set, tokenizer)
 
 
 def _resume_or_init(cfg, r: _Run) -> int:
@@ -156,7 +159,7 @@ def _before_rl(cfg, r: _Run, start_step: int) -> dict[str, float]:
 
     if cfg.sft.steps > 0 and start_step == 0:
         t0 = time.perf_counter()
-        losses = cold_start_sft(cfg, r.policy, r.train_set, r.tokenizer)
+        losses = cold_start_sft(cfg, r.policy, r.sft_set, r.tokenizer)
         r.console.print(
             f"cold-start SFT: {cfg.sft.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
             f"({time.perf_counter() - t0:.1f} s)"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from r1mega.config import ConfigError, DataConfig
+from r1mega.data.cold_start import r1_solution
 
 R1_ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
@@ -82,8 +83,9 @@ class DataError(ConfigError):
 _ENCODING_FIX = "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`)"
 
 
-def load_jsonl(path: str, question_key: str, answer_key: str) -> list[Problem]:
+def load_jsonl(path: str, question_key: str, answer_key: str, solutions: bool = False) -> list[Problem]:
     """Every row of a JSONL file as a Problem; any unusable row stops with ``path:line`` and the fix.
+    ``solutions``: each answer is a GSM8K worked solution, kept in R1 format (r1mega.data.cold_start).
 
     Read as bytes and decoded per line, so an encoding error names its line and byte offset (a text-mode read
     raises a bare UnicodeDecodeError with a position in some internal buffer).
@@ -111,13 +113,13 @@ def load_jsonl(path: str, question_key: str, answer_key: str) -> list[Problem]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{ln}:{e.colno}: invalid JSON ({e.msg}); fix or remove this line") from None
-            out.append(_problem(row, path, ln, question_key, answer_key))
+            out.append(_problem(row, path, ln, question_key, answer_key, solutions))
     if not out:
         raise DataError(f"{path} has no rows; point data.path / data.eval_path at a JSONL file with one row per line")
     return out
 
 
-def _problem(row: object, path: str, ln: int, question_key: str, answer_key: str) -> Problem:
+def _problem(row: object, path: str, ln: int, question_key: str, answer_key: str, solutions: bool = False) -> Problem:
     """One JSON row as a Problem. A missing or null field stops the run: ``str(None)`` would become the gold
     answer "None" and silently score every response 0."""
     if not isinstance(row, dict):
@@ -138,7 +140,10 @@ def _problem(row: object, path: str, ln: int, question_key: str, answer_key: str
         ans = ans.split("####")[-1].strip()
         if not ans:
             raise DataError(f"{path}:{ln}: {answer_key!r} has nothing after '####'; fix or remove this row")
-    return Problem(str(row[question_key]), ans)
+    solution = r1_solution(str(row[answer_key])) if solutions else None
+    if solutions and solution is None:
+        raise DataError(f"{path}:{ln}: sft.path rows need a worked solution ending in '#### N' in {answer_key!r}")
+    return Problem(str(row[question_key]), ans, solution or "")
 
 
 def load_problems(cfg: DataConfig) -> tuple[list[Problem], list[Problem]]:

@@ -85,6 +85,34 @@ class CharTokenizer(_MegatronTokenizerSurface):
         return "".join(out)
 
 
+_PROBE = "r1megaEndOfTurnProbe"
+
+
+def end_of_turn_id(tok) -> int:
+    """The token that ends an assistant turn: the first special token the chat template writes after the
+    assistant's content; the tokenizer's ``eos_token`` when there is no chat template (or it writes none).
+
+    ``eos_token`` alone is not trustworthy: SmolLM2's GGUF tokenizer says ``<|im_start|>`` (id 1) while its
+    ChatML turns end with ``<|im_end|>`` (id 2, what its config.json says); SFT targets ending in id 1 teach the
+    model to go on with ``assistant\n<think>...`` and engines waiting for id 1 never stop after ``</answer>``.
+    """
+    if getattr(tok, "chat_template", None):
+        turn = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": _PROBE}]
+        text = tok.apply_chat_template(turn, tokenize=False)
+        if _PROBE in text:
+            special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+            after = tok.encode(text.split(_PROBE, 1)[1], add_special_tokens=False)
+            for i in after:
+                if i in special:
+                    return int(i)
+    if tok.eos_token_id is None:
+        raise ValueError(
+            f"the tokenizer at {tok.name_or_path!r} has neither an eos_token nor a chat template that ends a turn "
+            "with a special token; set eos_token in its tokenizer_config.json"
+        )
+    return int(tok.eos_token_id)
+
+
 class HFTokenizer(_MegatronTokenizerSurface):
     """A Hugging Face tokenizer from a local path (nothing is downloaded at run time)."""
 
@@ -93,7 +121,7 @@ class HFTokenizer(_MegatronTokenizerSurface):
 
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.vocab_size = len(self.tok)
-        self.eos_id = self.tok.eos_token_id
+        self.eos_id = end_of_turn_id(self.tok)  # what SFT targets end with, engines stop on and decode cuts at
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
 
     def encode(self, text: str) -> list[int]:

@@ -1,0 +1,134 @@
+"""tools/bench_e2e_trl.py's mapping of r1mega's config onto TRL 1.16's GRPOConfig, both ways, on the CPU without
+TRL (the GPU run checks the names against TRL itself); its --dry-run composes the SmolLM2 preset."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from r1mega.config import AlgoConfig, Config, ModelConfig
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_e2e_trl.py"
+_spec = importlib.util.spec_from_file_location("bench_e2e_trl", TOOL)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+needs_hf_path = pytest.mark.skipif(
+    "hf_path" not in {f.name for f in dataclasses.fields(ModelConfig)},
+    reason="model.hf_path arrives with the HF-loading branch (h2); the preset sets it",
+)
+
+
+def _cfg(**algo) -> Config:
+    cfg = Config(algo=AlgoConfig(group_size=8, beta=0.001, eps_low=0.2, eps_high=0.28, **algo))
+    cfg.rollout.prompts_per_step, cfg.rollout.sampling.max_new_tokens, cfg.rollout.sampling.top_p = 32, 256, 0.95
+    cfg.train.micro_batch_size, cfg.train.steps, cfg.train.precision = 64, 200, "bf16"
+    cfg.optim.lr, cfg.optim.warmup_steps = 3e-6, 10
+    return cfg
+
+
+def test_mapping_both_ways():
+    cfg = _cfg()
+    kw = bench.check_mapping(cfg)  # asserts every name is a TRL 1.16 field and TRL -> r1mega gives cfg back
+    assert kw["num_generations"] == 8 and kw["max_completion_length"] == 256 and kw["beta"] == 0.001
+    assert (kw["epsilon"], kw["epsilon_high"], kw["loss_type"], kw["scale_rewards"]) == (0.2, 0.28, "grpo", "group")
+    # one generation of 32 x 8 completions per optimizer step, trained as 4 micro-batches of 64
+    assert (kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"]) == (64, 4)
+    assert kw["generation_batch_size"] == 256 and kw["num_iterations"] == 1
+    assert kw["gradient_checkpointing"] is False and kw["bf16"] is True and kw["use_vllm"] is False
+    assert kw["lr_scheduler_type"] == "constant_with_warmup" and kw["adam_beta2"] == cfg.optim.adam_beta2
+    dr = bench.check_mapping(_cfg(loss_agg="seq-mean-token-sum-norm", adv_std_norm=False))
+    assert (dr["loss_type"], dr["scale_rewards"]) == ("dr_grpo", "none")
+    assert bench.check_mapping(_cfg(loss_agg="token-mean"))["loss_type"] == "dapo"
+
+
+def test_mapping_refuses_what_trl_cannot_mirror(monkeypatch):
+    with pytest.raises(ValueError, match="one optimizer step per rollout"):
+        bench.trl_kwargs(_cfg(num_minibatches=2), "/tmp/x")
+    cfg = _cfg()
+    cfg.train.micro_batch_size = 96
+    with pytest.raises(ValueError, match="must divide"):
+        bench.trl_kwargs(cfg, "/tmp/x")
+    monkeypatch.setattr(bench, "TRL_FIELDS", bench.TRL_FIELDS - {"epsilon_high"})
+    with pytest.raises(AssertionError, match="epsilon_high"):
+        bench.check_mapping(_cfg())
+
+
+def test_a_wrong_inverse_is_caught(monkeypatch):
+    """The round trip compares values: a mapping that drops a setting (here the KL coefficient) fails."""
+    forward = bench.trl_kwargs
+    monkeypatch.setattr(bench, "trl_kwargs", lambda cfg, out: {**forward(cfg, out), "beta": 0.0})
+    with pytest.raises(AssertionError, match="algo.beta"):
+        bench.check_mapping(_cfg())
+
+
+@needs_hf_path
+def test_dry_run_composes_the_preset_and_prints_the_stages(tmp_path):
+    env = {**os.environ, "SMOLLM2_HF": str(tmp_path / "smollm2"), "GSM8K_DIR": "/work/shared/data/gsm8k"}
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), "--dry-run", "--out", str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    head, _, stages = proc.stdout.partition("\ncold: ")
+    kw = json.loads(head)["trl_grpo_config"]
+    assert (kw["num_generations"], kw["max_completion_length"], kw["learning_rate"]) == (8, 256, 3e-6)
+    assert kw["per_device_train_batch_size"] * kw["gradient_accumulation_steps"] == 32 * 8
+    for name in ("r1mega:", "trl:", "eval_cold_greedy:", "eval_trl_final_k8:"):
+        assert f"\n{name} " in "\n" + stages
+    assert f"train.export_hf_dir={tmp_path / 'cold'}" in stages and "+preset=smollm2_gsm8k" in stages
+
+
+def test_report_table_and_curves_from_run_logs(tmp_path):
+    """The report reads both sides' metrics.jsonl and r1mega-eval's eval.json, writes the table and the PNG."""
+    for side, extra in (("r1mega", {"rollout/logp_diff_mean": 0.01}), ("trl", {})):
+        (tmp_path / side).mkdir()
+        rows = [{"step": i + 1, "time/step": 2.0 + i, "time/generation": 1.0, "time/logprobs": 0.2,
+                 "time/training": 0.5, "time/weight_update": 0.1, "time/reward": 0.1, "perf/tokens_per_s": 1000.0,
+                 "reward/mean": 0.1 * i, "reward/accuracy": 0.05 * i, "response/length_mean": 90.0,
+                 "train/kl": 1e-3 * i, **extra} for i in range(3)]  # fmt: skip
+        (tmp_path / side / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for ck, acc in (("cold", 0.1), ("r1mega_final", 0.2)):
+        (tmp_path / f"eval_{ck}_greedy").mkdir()
+        summary = {"gsm8k": {"pass@1": acc, "pass@1_se": 0.01, "format_rate": 0.9}}
+        (tmp_path / f"eval_{ck}_greedy" / "eval.json").write_text(json.dumps({"summary": summary}))
+    table = bench.report(tmp_path, {"r1mega": {"peak_gpu_mib": 2048, "wall_s": 60}})
+    assert "| median step (s) | 3.00 | 3.00 |" in table and "| peak GPU memory (nvidia-smi, GiB) | 2.0 | 0.0 |" in table
+    assert "| cold start | 0.1000 | 0.0100 | nan | 0.900 |" in table and "| TRL after | nan |" in table
+    assert (tmp_path / "e2e_table.md").read_text().strip() == table
+    assert (tmp_path / "e2e_curves.png").stat().st_size > 10_000
+    bench.copy_results(tmp_path, tmp_path / "back")  # what a device command brings back
+    assert (tmp_path / "back" / "trl" / "metrics.jsonl").read_text() == (tmp_path / "trl" / "metrics.jsonl").read_text()
+    assert (tmp_path / "back" / "eval_cold_greedy" / "eval.json").is_file()
+
+
+@needs_hf_path
+def test_trl_stage_runs_on_cpu_from_a_tiny_llama(tmp_path):
+    """TRL's side end to end on the CPU (where TRL + datasets are importable): the same prompts, r1mega's rewards,
+    one optimizer step of 2 prompts x 2 completions, the saved model reloads."""
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    from transformers import AutoModelForCausalLM
+
+    from tests.chatml_tokenizer import build_tiny_llama
+
+    build_tiny_llama(tmp_path / "cold")
+    extra = ["train.precision=fp32", "train.steps=1", "rollout.prompts_per_step=2", "algo.group_size=2",
+             "rollout.sampling.max_new_tokens=8", "train.micro_batch_size=4", "reward.num_workers=1",
+             "sft.num_examples=64", "optim.warmup_steps=0"]  # fmt: skip
+    env = {**os.environ, "GSM8K_DIR": "/work/shared/data/gsm8k", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(TOOL), "--trl-child", "--out", str(tmp_path), "--", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(x) for x in (tmp_path / "trl" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["step"] == 1
+    assert rows[0]["time/generation"] > 0 and rows[0]["time/reward"] > 0 and rows[0]["time/training"] > 0
+    assert 0.0 <= rows[0]["reward/accuracy"] <= 1.0 and rows[0]["response/length_mean"] <= 8
+    AutoModelForCausalLM.from_pretrained(tmp_path / "trl_final")
