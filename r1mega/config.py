@@ -351,18 +351,20 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only before and after RL
     eval_samples: int = 1  # sampled answers per eval prompt (pass@1 estimate), plus one greedy
     save_every: int = 0
-    save_dir: Optional[str] = None
+    save_dir: Optional[str] = None  # None = <logging.out_dir>/checkpoints: every run keeps its trained model
     keep_last: int = 0  # keep only the newest N checkpoints in save_dir, older ones are deleted (0 = keep all)
     resume: bool = True
     threads: int = 0  # torch intra-op threads per rank; 0 = leave as is
     max_minutes: float = 0.0  # stop RL after this wall time (0 = no limit)
+    max_bad_steps: int = 3  # stop (exit 1) after this many steps in a row skipped as non-finite (0 = never stop)
+    eval_before_on_resume: bool = False  # a resumed run skips the "before RL" evaluation unless this is set
 
     def __post_init__(self) -> None:
         _check(
             self,
             "train",
             positive="micro_batch_size eval_samples",
-            nonneg="steps eval_every save_every threads max_minutes",
+            nonneg="steps eval_every save_every threads max_minutes max_bad_steps",
             choices={"precision": Precision, "fp8": FP8, "device": Device},
         )
 

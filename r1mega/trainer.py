@@ -180,6 +180,8 @@ class GRPOTrainer:
             "response/length_mean": g["response_len"] / g["n"],
             "response/finished_frac": g["finished"] / g["n"],
             **self.objective.metrics.summarize(train_metrics),
+            # the step guard skipped an optimizer step (non-finite loss / gradient): train.max_bad_steps in a row stop
+            "train/step_skipped": float(any(not m.get("update_ok", 1.0) for m in train_metrics)),
             "train/lr": self.lr_at(step),
             "rollout/logp_diff_mean": g["logp_diff_sum"] / max(g["logp_diff_tokens"], 1.0),
             "rollout/logp_diff_max": logp_diff_max,
