@@ -106,11 +106,10 @@ def test_cli_lr_1e3_reproducer_stops_after_max_bad_steps_with_a_finite_latest(tm
         "train.threads=1", "logging.plot=false", "logging.progress=false", "rollout.sampling.max_new_tokens=8",
         f"logging.out_dir={out}", "logging.wandb_mode=disabled",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "r1mega.train", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
-    err = " ".join(proc.stderr.split())  # rich wraps lines
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "COLUMNS": "400"}  # rich: no wrapping
+    cmd = [sys.executable, "-m", "r1mega.train", *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    err = proc.stderr
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "3 steps in a row had a non-finite loss or gradient and were skipped (train.max_bad_steps=3)" in err, err
     assert "Traceback" not in proc.stderr and "held-out after RL" not in err  # no final evaluation
