@@ -402,8 +402,9 @@ def test_requeue_mid_run_checkpoints_resumes_and_logs_every_step_once(slurm_env,
         show = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True, timeout=30)
         return "JobState=PENDING" in show.stdout and "Reason=BeginTime" in show.stdout
 
-    _wait_for(pending_on_begin_time, "the requeued job pending", 60, log)
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True, timeout=30)
+    _wait_for(lambda: pending_on_begin_time() or "restart 1;" in text(), "the requeued job pending", 60, log)
+    if "restart 1;" not in text():
+        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True, timeout=30)
     _wait_for(lambda: text().count("finished with exit status") == 2, "the requeued job's end", 240, log)
     final = " ".join(text().split())
     assert "restart 1;" in final and f"resumed from {ckpt} at step {done}" in final, final[-3000:]
