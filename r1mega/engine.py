@@ -210,11 +210,12 @@ class MegatronEngine:
         write NaN into the weights and its moments (clipping does not help: ``clip_coeff < 1`` is False for NaN).
         So the local grad buffers (the whole buffer: with the distributed optimizer it still holds this rank's own
         contribution outside its reduced shard) and the loss are checked, the flag is agreed over all ranks, and a
-        bad step leaves weights and optimizer state untouched: (False, nan). Costs one pass over the gradients.
+        bad step leaves weights and optimizer state untouched: (False, nan). Costs one read of the gradients.
         """
-        checks = [torch.as_tensor(o["loss_sum"], device=self.device).isfinite().all() for o in outs]
-        checks += [b.grad_data.isfinite().all() for b in self.ddp.buffers + self.ddp.expert_parallel_buffers]
-        flag = (~torch.stack(checks).all() if checks else torch.tensor(False)).to(self.device, torch.float32).reshape(1)
+        # sums: a NaN or inf anywhere makes them non-finite, without a buffer-sized temporary (isfinite would be one)
+        sums = [torch.as_tensor(o["loss_sum"], device=self.device).sum().float() for o in outs]
+        sums += [b.grad_data.sum().float() for b in self.ddp.buffers + self.ddp.expert_parallel_buffers]
+        flag = (~torch.stack(sums).isfinite().all() if sums else torch.tensor(False)).to(self.device).float().reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # TP / PP / EP / DP: every rank skips, or none
         if flag.item():
             return False, float("nan")

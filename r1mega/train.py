@@ -113,7 +113,7 @@ def _build(cfg, runtime, teardown: ExitStack, run_id: str) -> _Run:
     from r1mega.tracking import Tracker
     from r1mega.trainer import GRPOTrainer, PromptSampler
 
-    console = Console(stderr=True, quiet=not runtime.is_main)
+    console = Console(stderr=True, quiet=not runtime.is_main, soft_wrap=True)  # one line per message: grep-able logs
     tokenizer = build_tokenizer(cfg.model.tokenizer)
     train_set, eval_set = load_problems(cfg.data)
     policy = MegatronEngine(cfg, runtime, tokenizer.vocab_size)

@@ -123,3 +123,17 @@ def test_cli_lr_1e3_reproducer_stops_after_max_bad_steps_with_a_finite_latest(tm
     assert latest.name == f"step_{len(train) - 1:06d}" and f"checkpoint {latest}" in err
     for step_dir in sorted(save.glob("step_*[0-9]")):
         assert _checkpoint_is_finite(step_dir), step_dir
+
+
+def test_a_nan_gradient_on_one_data_parallel_rank_skips_the_step_on_every_rank(tmp_path):
+    """With the distributed optimizer each rank updates only its shard: the ranks must agree on skipping, or the
+    shards of one model would diverge (rank 0 stepping with finite grads while rank 1 skips)."""
+    from tests.launch import REPO, run_ranks
+
+    run_ranks(REPO / "tests" / "step_guard_worker.py", [str(tmp_path)], nproc=2)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == {
+            "nan_on_rank1": {"update_ok": 0.0, "moved": False},
+            "finite": {"update_ok": 1.0, "moved": True},
+        }, (rank, got)
