@@ -375,7 +375,7 @@ def test_requeue_mid_run_checkpoints_resumes_and_logs_every_step_once(slurm_env,
     env = {**slurm_env, "R1MEGA_PYTHON": sys.executable, "WANDB_MODE": "offline", "COLUMNS": "400"}
     if sys.prefix != sys.base_prefix:
         env["R1MEGA_VENV"] = sys.prefix
-    out, steps = tmp_path / "run", 8
+    out, steps = tmp_path / "run", 5
     job = _submit(
         env, tmp_path, "--requeue", "--signal=B:USR1@20",
         "sft.steps=0", f"train.steps={steps}", "rollout.prompts_per_step=2", "algo.group_size=2", "data.num_eval=2",
