@@ -165,9 +165,7 @@ class AlgoConfig:
     loss_agg: str = "seq-mean-token-mean"  # | token-mean (DAPO) | seq-mean-token-sum-norm (Dr.GRPO)
     adv_std_norm: bool = True  # Dr.GRPO: False
     ratio_level: str = "token"  # token | sequence (GSPO)
-    # DAPO's dynamic sampling of groups whose rewards are all equal (no signal): none | mask (their answers carry no
-    # loss) | resample (more groups are generated until rollout.prompts_per_step informative ones are collected)
-    dynamic_sampling: str = "none"
+    dynamic_sampling: str = "none"  # DAPO, for groups of equal rewards: none | mask (no loss) | resample (regenerate)
     max_sample_rounds: int = 4  # resample: generation rounds per step at most (the first included)
     num_minibatches: int = 1  # optimizer steps per rollout (R1-Zero: 16)
     ref_reset_every: int = 0  # replace the reference by the policy every N steps (R1-Zero: 400); 0 = never
@@ -181,6 +179,8 @@ class AlgoConfig:
         return sampling.temperature if self.temperature is None else self.temperature
 
     def __post_init__(self) -> None:
+        if str(self.dynamic_sampling).lower() in ("true", "false"):  # the field's former bool form
+            self.dynamic_sampling = "mask" if str(self.dynamic_sampling).lower() == "true" else "none"
         _check(
             self,
             "algo",
@@ -188,8 +188,6 @@ class AlgoConfig:
             nonneg="beta eps_low eps_high ref_reset_every",
             choices={"loss_agg": LossAgg, "ratio_level": RatioLevel, "loss_impl": LossImpl},
         )
-        if str(self.dynamic_sampling).lower() in ("true", "false"):  # the field's former bool form
-            self.dynamic_sampling = "mask" if str(self.dynamic_sampling).lower() == "true" else "none"
         _check(self, "algo", choices={"dynamic_sampling": DynamicSampling})
         if self.group_size < 2:
             raise ConfigError(f"algo.group_size={self.group_size} must be >= 2: GRPO's baseline is the group mean")
