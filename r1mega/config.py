@@ -160,6 +160,7 @@ LossAgg = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"
 RatioLevel = Literal["token", "sequence"]
 LossImpl = Literal["auto", "torch", "triton"]
 TIS = Literal["none", "token", "seq_mask", "token+seq_mask"]
+DynamicSampling = Literal["none", "mask", "resample"]
 
 
 @dataclass
@@ -173,7 +174,8 @@ class AlgoConfig:
     loss_agg: str = "seq-mean-token-mean"  # | token-mean (DAPO) | seq-mean-token-sum-norm (Dr.GRPO)
     adv_std_norm: bool = True  # Dr.GRPO: False
     ratio_level: str = "token"  # token | sequence (GSPO)
-    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
+    dynamic_sampling: str = "none"  # DAPO, for groups of equal rewards: none | mask (no loss) | resample (regenerate)
+    max_sample_rounds: int = 4  # resample: generation rounds per step at most (the first included)
     num_minibatches: int = 1  # optimizer steps per rollout (R1-Zero: 16)
     ref_reset_every: int = 0  # replace the reference by the policy every N steps (R1-Zero: 400); 0 = never
     loss_impl: str = "auto"  # torch | triton | auto (triton on GPU, torch on CPU)
@@ -190,15 +192,18 @@ class AlgoConfig:
         return sampling.temperature if self.temperature is None else self.temperature
 
     def __post_init__(self) -> None:
+        if str(self.dynamic_sampling).lower() in ("true", "false"):  # the field's former bool form
+            self.dynamic_sampling = "mask" if str(self.dynamic_sampling).lower() == "true" else "none"
         _check(
             self,
             "algo",
-            positive="num_minibatches temperature tis_cap",
+            positive="num_minibatches temperature tis_cap max_sample_rounds",
             nonneg="beta eps_low eps_high ref_reset_every",
             choices={"loss_agg": LossAgg, "ratio_level": RatioLevel, "loss_impl": LossImpl, "tis": TIS},
         )
         if self.tis_seq_cap <= 1:
             raise ConfigError(f"algo.tis_seq_cap={self.tis_seq_cap} must be > 1 (the kept band is [1/cap, cap])")
+        _check(self, "algo", choices={"dynamic_sampling": DynamicSampling})
         if self.group_size < 2:
             raise ConfigError(f"algo.group_size={self.group_size} must be >= 2: GRPO's baseline is the group mean")
         if self.eps_low >= 1:
@@ -388,7 +393,7 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only before and after RL
     eval_samples: int = 1  # sampled answers per eval prompt (pass@1 estimate), plus one greedy
     save_every: int = 0
-    save_dir: Optional[str] = None
+    save_dir: Optional[str] = None  # None = <logging.out_dir>/checkpoints: every run keeps its trained model
     keep_last: int = 0  # keep only the newest N checkpoints in save_dir, older ones are deleted (0 = keep all)
     resume: bool = True
     threads: int = 0  # torch intra-op threads per rank; 0 = leave as is
@@ -401,13 +406,15 @@ class TrainConfig:
     recompute_granularity: Optional[str] = None  # megatron activation recompute: None | selective | full
     recompute_method: Optional[str] = None  # full only: uniform | block
     recompute_num_layers: Optional[int] = None  # full only: layers per chunk (uniform) / recomputed (block)
+    max_bad_steps: int = 3  # stop (exit 1) after this many steps in a row skipped as non-finite (0 = never stop)
+    eval_before_on_resume: bool = False  # a resumed run skips the "before RL" evaluation unless this is set
 
     def __post_init__(self) -> None:
         _check(
             self,
             "train",
             positive="micro_batch_size eval_samples",
-            nonneg="steps eval_every save_every threads max_minutes max_tokens_per_microbatch",
+            nonneg="steps eval_every save_every threads max_minutes max_tokens_per_microbatch max_bad_steps",
             choices={"precision": Precision, "fp8": FP8, "device": Device, "recompute_granularity": Recompute,
                      "recompute_method": RecomputeMethod},
         )  # fmt: skip

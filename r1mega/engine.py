@@ -280,9 +280,10 @@ class MegatronEngine:
     def forward_backward(self, batch: TokenBatch, objective: Objective, lr: float) -> dict[str, float]:
         """One optimizer step of ``objective`` over ``batch`` (all its microbatches); metric sums over all ranks.
 
-        Returns ``loss`` (summed loss / summed denominator), ``grad_norm``, ``update_ok`` and the objective's
-        metric sums; or ``{"skipped": 1.0}`` when no rank has a loss token (e.g. DAPO dropped every group):
-        there is nothing to learn, and megatron would divide by a zero token count.
+        Returns ``loss`` (summed loss / summed denominator), ``grad_norm``, ``update_ok`` (0: the step guard
+        skipped a non-finite step, :meth:`_step_if_finite`) and the objective's metric sums; or ``{"skipped": 1.0}``
+        when no rank has a loss token (e.g. DAPO dropped every group): there is nothing to learn, and megatron
+        would divide by a zero token count.
         """
         if not self.reduce_metrics({"tokens": float(batch.mask.sum())})["tokens"]:
             return {"skipped": 1.0}
@@ -297,14 +298,33 @@ class MegatronEngine:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         outs = self._run(self.ddp, self._microbatches(batch), loss_fn, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
+        ok, grad_norm = self._step_if_finite(outs)
         sums = {k: sum(float(o[k]) for o in outs) for k in outs[0]} if outs else {}
         sums = self.reduce_metrics(sums)
         if sums.get("denom"):
             sums["loss"] = sums.pop("loss_sum") / sums.pop("denom")
-        sums["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        sums["grad_norm"] = grad_norm
         sums["update_ok"] = float(bool(ok))
         return sums
+
+    def _step_if_finite(self, outs: list[dict]) -> tuple[bool, float]:
+        """The step guard: ``optimizer.step()`` only when the loss and every gradient are finite on every rank.
+
+        megatron checks for inf/NaN only with a loss scaler (fp16); in fp32 / bf16 a NaN gradient would make Adam
+        write NaN into the weights and its moments (clipping does not help: ``clip_coeff < 1`` is False for NaN).
+        So the local grad buffers (the whole buffer: with the distributed optimizer it still holds this rank's own
+        contribution outside its reduced shard) and the loss are checked, the flag is agreed over all ranks, and a
+        bad step leaves weights and optimizer state untouched: (False, nan). Costs one read of the gradients.
+        """
+        # sums: a NaN or inf anywhere makes them non-finite, without a buffer-sized temporary (isfinite would be one)
+        sums = [torch.as_tensor(o["loss_sum"], device=self.device).sum().float() for o in outs]
+        sums += [b.grad_data.sum().float() for b in self.ddp.buffers + self.ddp.expert_parallel_buffers]
+        flag = (~torch.stack(sums).isfinite().all() if sums else torch.tensor(False)).to(self.device).float().reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # TP / PP / EP / DP: every rank skips, or none
+        if flag.item():
+            return False, float("nan")
+        ok, grad_norm, _ = self.optimizer.step()
+        return bool(ok), float(grad_norm) if grad_norm is not None else float("nan")
 
     # ------------------------------------------------------------------ collectives and bookkeeping
     def reduce_metrics(self, sums: dict[str, float]) -> dict[str, float]:

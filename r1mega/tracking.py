@@ -8,11 +8,16 @@ already logged (same step, same kind: train or eval) is skipped, so the file hol
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 class Tracker:
@@ -87,12 +92,10 @@ class Tracker:
         self.history.append(row)
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
-        if self.run is not None:
-            self.run.log(metrics, step=step)
+        self._wandb(lambda run: run.log(metrics, step=step))
 
     def summary(self, values: dict[str, float]) -> None:
-        if self.enabled and self.run is not None:
-            self.run.summary.update(values)
+        self._wandb(lambda run: run.summary.update(values))
 
     def plot_rewards(
         self, before: dict[str, float] | None = None, after: dict[str, float] | None = None
@@ -138,11 +141,29 @@ class Tracker:
         if self.run is not None:
             import wandb
 
-            self.run.log({"reward_curve": wandb.Image(str(path))})
+            self._wandb(lambda run: run.log({"reward_curve": wandb.Image(str(path))}))
         return path
+
+    def _wandb(self, call: Callable[[Any], Any]) -> None:
+        """``call(run)`` when wandb is on. wandb's service is a separate process, and Slurm signals every process
+        of a job (``scontrol requeue``, ``scancel``, preemption): it can be gone while the trainer still finishes
+        its step and checkpoint. Then wandb is dropped for the rest of this attempt with one warning (metrics.jsonl
+        keeps every row; the next attempt continues the same wandb run id) instead of crashing the save."""
+        if self.run is None:
+            return
+        try:
+            call(self.run)
+        except Exception as e:  # ConnectionResetError / BrokenPipeError from the service socket, wandb's own errors
+            logger.warning(
+                "wandb stopped (%s: %s); metrics.jsonl goes on, the next attempt resumes the run", type(e).__name__, e
+            )
+            self.run = None
+            with contextlib.suppress(Exception):  # unregisters wandb's atexit hook, which would fail the same way
+                import wandb
+
+                wandb.teardown()
 
     def finish(self) -> None:
         if self.enabled:
             self._jsonl.close()
-            if self.run is not None:
-                self.run.finish()
+            self._wandb(lambda run: run.finish())

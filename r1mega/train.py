@@ -9,6 +9,7 @@ runs the optional cold-start SFT, evaluates, trains with GRPO, evaluates again, 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 import warnings
@@ -36,7 +37,8 @@ def _quiet() -> None:
 def run(cfg) -> dict[str, float]:
     """Train with the typed ``Config``: build -> (resume) -> SFT -> eval -> RL loop -> eval; teardown always.
 
-    Returns the summary (held-out accuracy before / after RL).
+    Returns the summary (held-out accuracy before / after RL). Raises :class:`RunStopped` (after the checkpoint
+    and the teardown) when a stop signal or ``train.max_bad_steps`` ended the loop early.
     """
     from r1mega.config import validate
     from r1mega.model.hf_io import maybe_export_hf
@@ -49,6 +51,8 @@ def run(cfg) -> dict[str, float]:
     t_start = time.perf_counter()
     cfg.model = resolve_model_config(cfg.model)  # model.hf_path: the architecture from its config.json
     validate(cfg, world_size=dist_env_from_environ().world_size)
+    if cfg.train.save_dir is None:  # a run without a save_dir still never loses its trained model
+        cfg.train.save_dir = str(Path(cfg.logging.out_dir) / "checkpoints")
     LOSSES.get(cfg.algo.loss), ADVANTAGES.get(cfg.algo.advantage), rollout_engine_class(cfg)  # plug-ins import
     with ExitStack() as teardown:  # unwinds in reverse on any exit: engine, scorer, tracker, runtime, run lock
         identity = RunIdentity(cfg.logging.out_dir, cfg.train.save_dir, enabled=dist_env_from_environ().rank == 0)
@@ -59,7 +63,8 @@ def run(cfg) -> dict[str, float]:
         start_step = _resume_or_init(cfg, r)
         r.tracker.resume_from(start_step)  # a resumed run continues metrics.jsonl without duplicate steps
         before = _before_rl(cfg, r, start_step)
-        _rl_loop(cfg, r, start_step)
+        if (stop := _rl_loop(cfg, r, start_step)).status:
+            raise RunStopped(stop.stop, stop.status)  # a signal or max_bad_steps: no final evaluation
         after = r.trainer.evaluate(r.eval_set, cfg.train.eval_samples)
         r.tracker.log(after, step=cfg.train.steps)
         r.console.print(f"held-out after RL:  {_fmt(after)}")
@@ -74,6 +79,16 @@ def run(cfg) -> dict[str, float]:
             r.console.print(f"reward curve: {path}")
         r.console.print(f"done in {summary['wall_s']:.0f} s; metrics in {cfg.logging.out_dir}/metrics.jsonl")
     return summary
+
+
+class RunStopped(Exception):
+    """The RL loop ended before ``train.steps``, its state saved. ``status``: the exit status of r1mega-train,
+    128 + signum for a stop signal (SIGINT 130, SIGUSR1 138, SIGTERM 143: the shell's convention for "ended by
+    that signal", so a script does not mistake the stop for a finished run), 1 for ``train.max_bad_steps``."""
+
+    def __init__(self, reason: str, status: int) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 @dataclass
@@ -105,7 +120,7 @@ def _build(cfg, runtime, teardown: ExitStack, run_id: str) -> _Run:
     from r1mega.tracking import Tracker
     from r1mega.trainer import GRPOTrainer, PromptSampler
 
-    console = Console(stderr=True, quiet=not runtime.is_main)
+    console = Console(stderr=True, quiet=not runtime.is_main, soft_wrap=True)  # one line per message: grep-able logs
     tokenizer = build_tokenizer(cfg.model.tokenizer)
     train_set, eval_set = load_problems(cfg.data)
     train_set, sft_set = split_cold_start(train_set, eval_set, cfg)
@@ -154,7 +169,8 @@ def _resume_or_init(cfg, r: _Run) -> int:
 
 
 def _before_rl(cfg, r: _Run, start_step: int) -> dict[str, float]:
-    """Cold-start SFT (fresh runs only), then the held-out evaluation before RL."""
+    """Cold-start SFT (fresh runs only), then the held-out evaluation before RL (a resumed run has done it:
+    only with ``train.eval_before_on_resume``)."""
     from r1mega.sft import cold_start_sft
 
     if cfg.sft.steps > 0 and start_step == 0:
@@ -165,38 +181,58 @@ def _before_rl(cfg, r: _Run, start_step: int) -> dict[str, float]:
             f"({time.perf_counter() - t0:.1f} s)"
         )
         r.policy.reset_reference()  # the RL reference is the SFT model, as in R1
+    if start_step and not cfg.train.eval_before_on_resume:
+        return {}
     before = r.trainer.evaluate(r.eval_set, cfg.train.eval_samples)
     r.tracker.log(before, step=0)
     r.console.print(f"held-out before RL: {_fmt(before)}")
     return before
 
 
-def _rl_loop(cfg, r: _Run, start_step: int) -> None:
+def _rl_loop(cfg, r: _Run, start_step: int):
+    """The GRPO steps; returns the cadence's last ``Due`` (its ``stop`` / ``status`` say why it ended early).
+
+    SIGTERM / SIGINT / SIGUSR1 (scancel, requeue, Ctrl-C, Slurm's ``--signal=B:USR1@N``) finish the current step,
+    which then saves like any stop; the ranks agree on a signal one of them got (an all-reduce per step).
+    """
     from tqdm import tqdm
 
-    from r1mega.cadence import Cadence
-    from r1mega.checkpoint import save_checkpoint
+    from r1mega.cadence import Cadence, Due
+    from r1mega.checkpoint import latest_checkpoint, save_checkpoint
     from r1mega.model.hf_io import maybe_export_hf
+    from r1mega.rollout.base import NonFiniteError
+    from r1mega.signals import StopSignals
     from r1mega.trainer import alignment_stop_reason
 
     show = r.policy.runtime.is_main and cfg.logging.progress
     bar = tqdm(range(start_step, cfg.train.steps), desc="GRPO", disable=not show, dynamic_ncols=True)
     cadence = Cadence(cfg.train)
-    for step in bar:
-        metrics = r.trainer.step(step)
-        r.tracker.log(metrics, step=step + 1)
-        bar.set_postfix({short: f"{metrics[k]:.3g}" for short, k in _BAR.items() if k in metrics})
-        if reason := alignment_stop_reason(metrics, step, cfg.rollout.max_logp_gap):
-            cadence.request_stop(reason)  # saved (with a save_dir) and reported like any stop
-        due = cadence.after(step)
-        if due.save:
-            save_checkpoint(cfg.train.save_dir, step, r.policy)
-        if due.eval:
-            r.tracker.log(r.trainer.evaluate(r.eval_set, cfg.train.eval_samples), step=step + 1)
-        maybe_export_hf(cfg, r.policy, step + 1)  # train.export_hf_every
-        if due.stop:
-            r.console.print(f"stopping after {step + 1} steps: {due.stop}")
-            break
+    with StopSignals() as signals:
+        for step in bar:
+            try:
+                metrics = r.trainer.step(step)
+            except NonFiniteError as e:  # the weights the step guard protects came non-finite from elsewhere
+                why = f"step {step + 1} (after {step} steps): {e}"
+                r.console.print(f"stopping: {why}; latest checkpoint: {latest_checkpoint(cfg.train.save_dir)}")
+                return Due(stop=why, status=1)
+            metrics["train/bad_steps"] = cadence.count_step(metrics.get("train/step_skipped", 0.0) > 0)
+            r.tracker.log(metrics, step=step + 1)
+            bar.set_postfix({short: f"{metrics[k]:.3g}" for short, k in _BAR.items() if k in metrics})
+            if signum := int(r.policy.reduce_max(float(signals.received[0] if signals.received else 0))):
+                cadence.request_stop(f"{signal.Signals(signum).name} received", status=128 + signum)
+            if reason := alignment_stop_reason(metrics, step, cfg.rollout.max_logp_gap):
+                cadence.request_stop(reason)  # saved and reported like any stop
+            due = cadence.after(step)
+            saved = save_checkpoint(cfg.train.save_dir, step, r.policy) if due.save else None
+            if due.eval:
+                r.tracker.log(r.trainer.evaluate(r.eval_set, cfg.train.eval_samples), step=step + 1)
+            maybe_export_hf(cfg, r.policy, step + 1)  # train.export_hf_every
+            if due.stop:
+                where = saved or latest_checkpoint(cfg.train.save_dir)
+                again = "; run the same command to resume" if due.status > 128 else ""  # a signal
+                r.console.print(f"stopping after {step + 1} steps: {due.stop}; checkpoint {where}{again}")
+                return due
+    return Due()
 
 
 _BAR = {"acc": "reward/accuracy", "fmt": "reward/format", "kl": "train/kl", "len": "response/length_mean"}
@@ -216,11 +252,21 @@ def main() -> None:
 
     @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
     def _hydra_main(dcfg) -> None:
+        from r1mega.rollout.base import NonFiniteError
+
         try:
             run(config_from_hydra(dcfg))
         except ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
             sys.exit(2)
+        except RunStopped as e:  # already reported by the loop, with the checkpoint
+            sys.exit(e.status)
+        except NonFiniteError as e:  # e.g. model.checkpoint holds NaN weights: the evaluation before RL cannot sample
+            print(f"r1mega-train: {e}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:  # a second Ctrl-C, or one before the RL loop: one line, not a traceback
+            print("r1mega-train: interrupted (SIGINT); train.save_dir keeps its latest checkpoint", file=sys.stderr)
+            sys.exit(128 + signal.SIGINT)
 
     _hydra_main()
 

@@ -5,7 +5,7 @@ optimizer -> weight sync. Everything here is orchestration; each stage's logic l
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -18,7 +18,7 @@ from r1mega.grpo.advantages import informative_groups
 from r1mega.memory import memory_metrics
 from r1mega.objectives import build_objective
 from r1mega.registry import ADVANTAGES
-from r1mega.rewards import RewardScorer
+from r1mega.rewards import RewardBatch, RewardScorer
 from r1mega.rollout.base import Rollout, RolloutEngine, SamplingParams
 
 
@@ -163,14 +163,18 @@ class GRPOTrainer:
         with timer.stage("reward"):
             texts = [self.tokenizer.decode(r.response_ids) for r in rollouts]
             rewards = self.scorer.score(texts, golds)
+        sampled: dict[str, float] = {}
+        if a.dynamic_sampling == "resample":  # DAPO proper: more groups until enough of them carry a signal
+            problems, rollouts, rewards, sampled = self._resample(step, problems, rollouts, rewards, timer)
         total = torch.tensor(rewards.total, dtype=torch.float32)
 
         # 4. group-relative advantages; DAPO's dynamic sampling masks groups that carry no signal
         adv = self.advantages(total, a)
         batch = build_token_batch(rollouts, self.tokenizer.pad_id, self.policy.seq_multiple)
-        if a.dynamic_sampling:
-            keep = informative_groups(total, a.group_size).repeat_interleave(a.group_size)
-            batch.mask *= keep.float().unsqueeze(1)
+        if a.dynamic_sampling not in ("none", False):  # mask | resample (False / True: the field's former bools)
+            informative = informative_groups(total, a.group_size)
+            batch.mask *= informative.repeat_interleave(a.group_size).float().unsqueeze(1)
+            sampled["rollout/informative_groups"] = self.policy.reduce_metrics({"g": float(informative.sum())})["g"]
         batch.advantages = adv.unsqueeze(1) * batch.mask
 
         # 5. log-probs of the sampled tokens at the loss's temperature: old policy (recomputed) and reference
@@ -199,7 +203,56 @@ class GRPOTrainer:
                 self.policy.reset_reference()
 
         wall = time.perf_counter() - t_start
-        return {**self._metrics(step, rewards, rollouts, batch, diff, known, train_metrics, timer, wall), **mem}
+        return {
+            **self._metrics(step, rewards, rollouts, batch, diff, known, train_metrics, timer, wall),
+            **mem,
+            **sampled,
+        }
+
+    def _resample(self, step: int, problems: list[Problem], rollouts: list[Rollout], rewards: RewardBatch, timer):
+        """DAPO's over-sampling (``algo.dynamic_sampling=resample``): rounds of extra prompts (round r: the
+        sampler's ``batch(step, r)``, so a resumed run draws the same) until every rank holds its share of
+        ``rollout.prompts_per_step`` informative groups, for at most ``algo.max_sample_rounds`` rounds.
+
+        All ranks run the same number of rounds (an all-reduce of "still short" per round: generation with expert
+        parallelism is collective). Informative groups are kept in round order; a rank still short at the cap
+        fills up with uninformative groups, which the mask then drops. Returns the chosen (problems, rollouts,
+        rewards) and ``rollout/sample_rounds``.
+        """
+        cfg, g, s = self.cfg, self.cfg.algo.group_size, self.cfg.rollout.sampling
+        rounds = [(problems, rollouts, rewards, informative_groups(torch.tensor(rewards.total), g).tolist())]
+        while len(rounds) < cfg.algo.max_sample_rounds and self.policy.reduce_max(
+            float(sum(sum(r[3]) for r in rounds) < len(problems))  # this rank is short of informative groups
+        ):
+            extra = self.sampler.batch(step, round=len(rounds))
+            prompts = [encode_prompt(self.tokenizer, p.question, cfg.data.template) for p in extra for _ in range(g)]
+            params = SamplingParams(s.temperature, s.top_p, s.top_k, s.max_new_tokens, cfg.train.seed + step)
+            with timer.stage("generation"):  # stages 2 and 3 of step, on the extra prompts
+                self.engine.resume_memory()
+                rolls = self.engine.generate(prompts, replace(params, seed=params.seed + 100_003 * len(rounds)))
+                self.engine.release_memory()
+            with timer.stage("reward"):
+                texts = [self.tokenizer.decode(r.response_ids) for r in rolls]
+                rw = self.scorer.score(texts, [p.answer for p in extra for _ in range(g)])
+            rounds.append((extra, rolls, rw, informative_groups(torch.tensor(rw.total), g).tolist()))
+        groups = [  # (no signal, problem, its G rollouts, its G rewards as (accuracy, format, total))
+            (
+                not ok,
+                p,
+                rolls[i * g : (i + 1) * g],
+                [f[i * g : (i + 1) * g] for f in (rw.accuracy, rw.format, rw.total)],
+            )
+            for ps, rolls, rw, oks in rounds
+            for i, (p, ok) in enumerate(zip(ps, oks))
+        ]
+        chosen = sorted(groups, key=lambda grp: grp[0])[: len(problems)]  # stable: informative first, round order
+        picked = RewardBatch(
+            *([x for c in chosen for x in c[3][f]] for f in range(3)),
+            num_timeouts=sum(r[2].num_timeouts for r in rounds),
+            num_errors=sum(r[2].num_errors for r in rounds),
+        )
+        rolls = [r for c in chosen for r in c[2]]
+        return [c[1] for c in chosen], rolls, picked, {"rollout/sample_rounds": float(len(rounds))}
 
     def _metrics(self, step, rewards, rollouts, batch, diff, known, train_metrics, timer, wall) -> dict[str, float]:
         n = len(rollouts)
@@ -229,6 +282,8 @@ class GRPOTrainer:
             "response/length_mean": g["response_len"] / g["n"],
             "response/finished_frac": g["finished"] / g["n"],
             **self.objective.metrics.summarize(train_metrics),
+            # the step guard skipped an optimizer step (non-finite loss / gradient): train.max_bad_steps in a row stop
+            "train/step_skipped": float(any(not m.get("update_ok", 1.0) for m in train_metrics)),
             "train/lr": self.lr_at(step),
             "rollout/logp_diff_mean": g["logp_diff_sum"] / max(g["logp_diff_tokens"], 1.0),
             "rollout/logp_diff_max": logp_diff_max,

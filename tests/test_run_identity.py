@@ -4,6 +4,7 @@ every step once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -141,3 +142,23 @@ def test_cli_second_job_stops_and_resumed_run_continues_metrics(tmp_path):
     rid = (out / "run_id").read_text().strip()
     assert {r["run_id"] for r in rows} == {rid} and (save / "run_id").read_text().strip() == rid
     assert {p.name.rsplit("-", 1)[1] for p in (out / "wandb").glob("offline-run-*")} == {rid}
+
+
+def test_a_killed_wandb_service_does_not_stop_the_run(tmp_path, caplog):
+    """Slurm signals every process of a job on requeue / scancel, wandb's service included: the trainer must still
+    log, save and exit cleanly (this crashed the checkpoint-on-requeue of tests/test_slurm.py)."""
+    pytest.importorskip("wandb")
+    t = Tracker(str(tmp_path), "offline", "r1mega-test", "x", {}, run_id="gone1234")
+    t.log({"reward/mean": 1.0}, step=1)
+    kids = subprocess.run(["pgrep", "-P", str(os.getpid()), "wandb-core"], capture_output=True, text=True).stdout
+    assert kids.split(), "no wandb-core service process"
+    for pid in kids.split():
+        os.kill(int(pid), signal.SIGTERM)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(int(pid), 0)
+    with caplog.at_level(logging.WARNING, logger="r1mega.tracking"):
+        t.log({"reward/mean": 2.0}, step=2)
+        t.summary({"x": 1.0})
+        t.finish()
+    assert "wandb stopped" in caplog.text and t.run is None
+    assert [r["step"] for r in _rows(tmp_path / "metrics.jsonl")] == [1, 2]

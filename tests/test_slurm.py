@@ -295,8 +295,10 @@ exit $rc
 
 
 def _submit(env, out_dir: Path, *args: str) -> str:
+    """sbatch without --wait; ``args`` starting with "--" are sbatch flags, the rest are the job's overrides."""
+    flags, overrides = [a for a in args if a.startswith("--")], [a for a in args if not a.startswith("--")]
     cmd = ["sbatch", "--parsable", "--ntasks=2", "--time=10", "--job-name=r1mega-test", "--open-mode=append",
-           f"--output={out_dir}/slurm-%j.out", str(CPU_SBATCH), *args]  # fmt: skip
+           f"--output={out_dir}/slurm-%j.out", *flags, str(CPU_SBATCH), *overrides]  # fmt: skip
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     job = r.stdout.strip().split(";")[0]
     assert r.returncode == 0 and job.isdigit(), f"sbatch did not submit: {r.stdout!r} {r.stderr!r}"
@@ -363,3 +365,52 @@ for i in $(seq 900); do sleep 0.1; done
     assert lines("done") == ["done rank=0 restart=1", "done rank=1 restart=1"]
     text = log.read_text()
     assert f"job {job} on 1 node(s)" in text and "restart 1;" in text and f"runs/r1mega-test-{job}" in text
+
+
+def test_requeue_mid_run_checkpoints_resumes_and_logs_every_step_once(slurm_env, tmp_path):
+    """Issue 14's acceptance on the real local Slurm: `sbatch --requeue --signal=B:USR1@20` of a short 2-rank run,
+    `scontrol requeue` mid-run. The tasks get SIGTERM (KillWait before SIGKILL), finish the step and checkpoint; the
+    job comes back under the same id, resumes from `latest`, and metrics.jsonl holds steps 0..N once, one run id,
+    one wandb run."""
+    env = {**slurm_env, "R1MEGA_PYTHON": sys.executable, "WANDB_MODE": "offline", "COLUMNS": "400"}
+    if sys.prefix != sys.base_prefix:
+        env["R1MEGA_VENV"] = sys.prefix
+    out, steps = tmp_path / "run", 5
+    job = _submit(
+        env, tmp_path, "--requeue", "--signal=B:USR1@20",
+        "sft.steps=0", f"train.steps={steps}", "rollout.prompts_per_step=2", "algo.group_size=2", "data.num_eval=2",
+        "train.eval_samples=1", "model.num_layers=1", "train.threads=1", "rollout.sampling.max_new_tokens=4",
+        "logging.plot=false", "logging.progress=false", f"logging.out_dir={out}",
+    )  # fmt: skip
+    log = tmp_path / f"slurm-{job}.out"
+    text = lambda: log.read_text() if log.exists() else ""  # noqa: E731
+
+    def train_steps() -> list[int]:
+        path = out / "metrics.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        return [r["step"] for r in rows if "reward/mean" in r]
+
+    _wait_for(lambda: len(train_steps()) >= 1, "the first RL step", 150, log)
+    subprocess.run(["scontrol", "requeue", job], env=env, check=True, timeout=30)
+    _wait_for(lambda: "SIGTERM received" in text(), "the checkpoint on SIGTERM", 60, log)
+    done = len(train_steps())
+    assert done < steps, "the requeue came after the run had finished"
+    ckpt = out / "checkpoints" / f"step_{done - 1:06d}"
+    assert f"stopping after {done} steps: SIGTERM received; checkpoint {ckpt}" in " ".join(text().split()), text()
+
+    def pending_on_begin_time() -> bool:
+        show = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True, timeout=30)
+        return "JobState=PENDING" in show.stdout and "Reason=BeginTime" in show.stdout
+
+    _wait_for(lambda: pending_on_begin_time() or "restart 1;" in text(), "the requeued job pending", 60, log)
+    if "restart 1;" not in text():
+        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True, timeout=30)
+    _wait_for(lambda: text().count("finished with exit status") == 2, "the requeued job's end", 240, log)
+    final = " ".join(text().split())
+    assert "restart 1;" in final and f"resumed from {ckpt} at step {done}" in final, final[-3000:]
+    assert f"job {job} finished with exit status 0" in final, final[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert train_steps() == list(range(1, steps + 1)), rows  # each step exactly once
+    assert [r["step"] for r in rows if "eval/greedy_accuracy" in r] == [0, steps]
+    run_ids = {r["run_id"] for r in rows}
+    assert len(run_ids) == 1 and {p.name.rsplit("-", 1)[1] for p in (out / "wandb").glob("offline-run-*")} == run_ids

@@ -59,5 +59,5 @@ def test_wheel_ships_configs_and_runs_outside_the_tree(tmp_path):
     pkg, conf_dir = where.stdout.split()
     assert pkg.startswith(str(site)) and conf_dir.startswith(str(site)), where.stdout  # the wheel, not the repo
     job = _run([str(venv / "bin" / "r1mega-train"), "--cfg", "job", "algo=dapo", "rollout=sglang"], work, env)
-    assert "eps_high: 0.28" in job.stdout and "dynamic_sampling: true" in job.stdout  # conf/algo/dapo.yaml
+    assert "eps_high: 0.28" in job.stdout and "dynamic_sampling: mask" in job.stdout  # conf/algo/dapo.yaml
     assert "backend: sglang" in job.stdout and "mem_fraction: 0.5" in job.stdout  # conf/rollout/sglang.yaml

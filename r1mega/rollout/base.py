@@ -19,6 +19,11 @@ from r1mega.config import Config, ModelConfig
 from r1mega.model.hf_export import iter_hf_buckets
 
 
+class NonFiniteError(RuntimeError):
+    """Generation cannot sample: the policy weights or the logits are non-finite (the message names which);
+    raised instead of torch.multinomial's "probability tensor contains either inf, nan or element < 0"."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0

@@ -24,7 +24,7 @@ from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
 from r1mega.config import Config, MegatronRolloutConfig
 from r1mega.model.builder import padded_vocab_size
-from r1mega.rollout.base import HFWeights, Rollout, SamplingParams, WeightSource
+from r1mega.rollout.base import HFWeights, NonFiniteError, Rollout, SamplingParams, WeightSource
 from r1mega.routing_replay import record_routing
 
 
@@ -132,8 +132,14 @@ class MegatronRolloutEngine:
             InferenceRequest(request_id=i, prompt="", sampling_params=sp, prompt_tokens=list(p))
             for i, p in enumerate(prompts)
         ]
+        _check_finite_weights(self.model)
         with self._inference_mode():
-            done = self._engine.generate(inference_requests=requests)
+            try:
+                done = self._engine.generate(inference_requests=requests)
+            except RuntimeError as e:  # finite weights, yet an overflow in the forward pass reached the sampler
+                if "probability tensor contains" not in str(e):
+                    raise
+                raise NonFiniteError(f"non-finite logits in sampling although the weights are finite ({e})") from e
         done = sorted(done, key=lambda r: r.request_id)
         eos = self.tokenizer.eos_id
         out = []
@@ -169,6 +175,19 @@ class MegatronRolloutEngine:
 
     def shutdown(self) -> None:
         self.release_memory()
+
+
+def _check_finite_weights(model) -> None:
+    """Sampling checks its input: non-finite weights make every logit NaN, which torch.multinomial reports without
+    a cause and greedy decoding would not report at all (collective: every rank raises, or none)."""
+    from r1mega.checkpoint import model_is_finite
+
+    if not model_is_finite(model):
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()][:3]
+        raise NonFiniteError(
+            f"non-finite logits: the policy weights are non-finite ({', '.join(bad) or 'on another rank'}); resume "
+            "from a finite checkpoint (train.save_dir's latest is one) with a lower optim.lr"
+        )
 
 
 def _broadcast_from_model_parallel_src(rollouts: list[Rollout]) -> list[Rollout]:
