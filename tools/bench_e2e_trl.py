@@ -72,7 +72,7 @@ def compose(overrides: list[str]):
 def trl_kwargs(cfg, output_dir: str) -> dict[str, Any]:
     """GRPOConfig keyword arguments for r1mega's ``cfg``: the same algorithm, batch and schedule."""
     a, s, o, t = cfg.algo, cfg.rollout.sampling, cfg.optim, cfg.train
-    if a.num_minibatches != 1 or a.dynamic_sampling or a.ref_reset_every or a.loss_agg not in LOSS_AGG:
+    if a.num_minibatches != 1 or a.dynamic_sampling != "none" or a.ref_reset_every or a.loss_agg not in LOSS_AGG:
         raise ValueError("the TRL mapping covers one optimizer step per rollout, no dynamic sampling / ref reset")
     per_step = cfg.rollout.prompts_per_step * a.group_size  # completions per optimizer step
     micro = min(t.micro_batch_size, per_step)
