@@ -1,12 +1,12 @@
 """Issue 11's CPU acceptance: ``r1mega-eval model.hf_path=<SmolLM2-135M-Instruct>`` on the first GSM8K test problems
 with the chat template + \\boxed{} instruction (eval.template=chat), greedy (50 problems) and k=4 at T=0.6 / top-p 0.95
-(the first 10: CI time), through the CLI as a subprocess. Every number is re-derived from the JSON's raw responses:
+(the first 5: CI time), through the CLI as a subprocess. Every number is re-derived from the JSON's raw responses:
 each correctness by ``accuracy_reward``, pass@k by enumerating subsets, cons@4 from the votes; and the greedy
 responses equal ``transformers.generate`` (greedy, stop at ``<|im_end|>``) on the same chat prompts for the first 3.
 
-``eval.max_new_tokens=128`` keeps it in CI time: most GSM8K chains of thought of this model are longer (it often
-loops), so many answers are truncated before any \\boxed{}; the accuracy is a pipeline figure, not the model's
-(docs/perf/eval.md compares it with the model card).
+``eval.max_new_tokens=48`` is what fits CI time: the megatron engine generates ~14 tokens/s at batch 50 on the
+2-core box, and this model's GSM8K chains of thought run 150+ tokens (it often loops), so nearly every answer is
+truncated before any \\boxed{} and the accuracy here is a pipeline figure, not the model's (docs/perf/eval.md).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from tests.test_eval_cli import _brute_pass_at, _run_cli
 
 transformers = pytest.importorskip("transformers")
-MAX_NEW = 128
+MAX_NEW = 48
 COMMON = ["eval.sets=[gsm8k]", "eval.template=chat", f"eval.max_new_tokens={MAX_NEW}", "train.threads=2",
           "logging.wandb_mode=disabled", "logging.plot=false"]  # fmt: skip
 
@@ -28,9 +28,9 @@ COMMON = ["eval.sets=[gsm8k]", "eval.template=chat", f"eval.max_new_tokens={MAX_
 def runs(smollm2, tmp_path_factory):
     out = {}
     for name, extra in (("greedy", ["eval.greedy=true", "eval.limit=50", "rollout.max_batch_size=50"]),
-                        ("k4", ["eval.k=4", "eval.limit=10", "rollout.max_batch_size=40"])):  # fmt: skip
+                        ("k4", ["eval.k=4", "eval.limit=5", "rollout.max_batch_size=20"])):  # fmt: skip
         root = tmp_path_factory.mktemp(f"smol_{name}")
-        proc = _run_cli([f"model.hf_path={smollm2}", *COMMON, *extra, f"logging.out_dir={root}"], root, timeout=900)
+        proc = _run_cli([f"model.hf_path={smollm2}", *COMMON, *extra, f"logging.out_dir={root}"], root, timeout=1500)
         assert proc.returncode == 0, proc.stderr[-4000:]
         out[name] = (proc.stderr, json.loads((root / "eval.json").read_text()))
     return out
@@ -88,17 +88,17 @@ def test_k4_pass_at_1_cons_and_pass_at_4_recomputed(runs):
     for text in ("k=4, T=0.6, top-p=0.95, template chat", "pass@1", "pass@4", "cons@4"):
         assert text in stderr, text
     problems = data["sets"]["gsm8k"]
-    assert len(problems) == 10 and all(len(p["samples"]) == 4 for p in problems)
+    assert len(problems) == 5 and all(len(p["samples"]) == 4 for p in problems)
     flags = _rescore(data)
     s = data["summary"]["gsm8k"]
-    assert s["pass@1"] == pytest.approx(sum(sum(f) / 4 for f in flags) / 10)
+    assert s["pass@1"] == pytest.approx(sum(sum(f) / 4 for f in flags) / 5)
     for k in (2, 4):
-        assert s[f"pass@{k}"] == pytest.approx(sum(_brute_pass_at(f, k) for f in flags) / 10)
+        assert s[f"pass@{k}"] == pytest.approx(sum(_brute_pass_at(f, k) for f in flags) / 5)
     cons = [p["voted"] is not None and is_equivalent(p["voted"], p["gold"]) for p in problems]
-    assert s["cons@4"] == pytest.approx(sum(cons) / 10)
+    assert s["cons@4"] == pytest.approx(sum(cons) / 5)
     for p in problems:  # the voted answer is a most-voted one among the samples
         answers = [x["answer"] for x in p["samples"] if x["answer"] is not None]
         assert (p["voted"] is None) == (not answers)
-    print(f"SmolLM2-135M-Instruct GSM8K (first 10, k=4, T=0.6, top-p 0.95, {MAX_NEW} new tokens): pass@1 "
+    print(f"SmolLM2-135M-Instruct GSM8K (first 5, k=4, T=0.6, top-p 0.95, {MAX_NEW} new tokens): pass@1 "
           f"{100 * s['pass@1']:.1f} +- {100 * s['pass@1_se']:.1f} %, cons@4 {100 * s['cons@4']:.1f} %, "
           f"pass@4 {100 * s['pass@4']:.1f} %")  # fmt: skip
