@@ -1,4 +1,5 @@
-"""Session fixtures: the tiny random HF checkpoints of every family and the real SmolLM2-135M-Instruct folder."""
+"""Shared fixtures: the CPU runtime of single-rank tests (per module), the tiny random HF checkpoints of every family
+and the real SmolLM2-135M-Instruct folder (per session)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    """megatron's parallel state for one CPU rank (default layout), one torch thread; torn down after the module."""
+    import torch
+
+    from r1mega.config import ParallelConfig
+    from r1mega.parallel.runtime import init_runtime, shutdown_runtime
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rt = init_runtime(ParallelConfig(), seed=0, device="cpu")
+    yield rt
+    shutdown_runtime()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -104,18 +104,6 @@ def hf_logits(path: Path, toks: torch.Tensor) -> torch.Tensor:
         return model.eval()(toks).logits
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from r1mega.parallel.runtime import init_runtime, shutdown_runtime
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    rt = init_runtime(ParallelConfig(), seed=0, device="cpu")
-    yield rt
-    shutdown_runtime()
-    torch.set_num_threads(threads)
-
-
 ARCHS = {
     "qwen3_30b_a3b": "Qwen3MoeForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",

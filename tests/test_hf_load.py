@@ -25,18 +25,6 @@ transformers = pytest.importorskip("transformers")
 ATOL = 2e-5  # logits are O(1) (init std 0.1): a wrong layout shows up as O(0.1)
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from r1mega.parallel.runtime import init_runtime, shutdown_runtime
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    rt = init_runtime(ParallelConfig(), seed=0, device="cpu")
-    yield rt
-    shutdown_runtime()
-    torch.set_num_threads(threads)
-
-
 def load(path: Path, **over):
     from r1mega.model.builder import build_gpt_model
     from r1mega.model.hf_load import load_hf_weights, resolve_model_config

@@ -81,15 +81,6 @@ SETTINGS = {
 PROMPTS = [[10, 11, 12], [20, 21], [30], [40, 41, 42, 43], [50, 51]]
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from r1mega.parallel.runtime import init_runtime, shutdown_runtime
-
-    rt = init_runtime(small_config().parallel, seed=0, device="cpu")
-    yield rt
-    shutdown_runtime()
-
-
 @pytest.fixture
 def world(runtime, monkeypatch, request):
     """(cfg, weights, tokenizer, build) for the engine named by the test's parameter."""

@@ -17,15 +17,6 @@ from r1mega.rollout.weight_push import plan_buckets
 from tests.test_sglang_engine import FakeEngine, install_fake_sglang, make_policy, small_config
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from r1mega.parallel.runtime import init_runtime, shutdown_runtime
-
-    rt = init_runtime(small_config().parallel, seed=0, device="cpu")
-    yield rt
-    shutdown_runtime()
-
-
 @pytest.fixture
 def fake(monkeypatch):
     for name in ("sglang", "sglang.srt.utils", "sglang.srt.weight_sync.tensor_bucket"):
