@@ -9,12 +9,16 @@ from r1mega.config import ModelConfig
 from r1mega.model.families.llama import Llama
 
 
-class Qwen2(Llama):
-    name = "qwen2"
-    architectures = ("Qwen2ForCausalLM",)
-    model_types = {"Qwen2ForCausalLM": "qwen2"}
-    qkv_bias = True
+class QwenDense(Llama):
+    """What Qwen2 and Qwen3 add to Llama's config.json: sliding-window keys, written as off."""
 
     def hf_config(self, m: ModelConfig, arch: str) -> dict[str, Any]:
         kw = super().hf_config(m, arch)
         return {**kw, "use_sliding_window": False, "sliding_window": None, "max_window_layers": m.num_layers}
+
+
+class Qwen2(QwenDense):
+    name = "qwen2"
+    architectures = ("Qwen2ForCausalLM",)
+    model_types = {"Qwen2ForCausalLM": "qwen2"}
+    qkv_bias = True
