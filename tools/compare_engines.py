@@ -37,13 +37,23 @@ import torch
 FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3")
 
 
-def tiny_hf_config(family: str, vocab: int = 512):
-    """A small config of the family with SGLang-friendly head sizes (MLA: kv_lora 512, rope 64)."""
+def tiny_hf_config(family: str, vocab: int = 512, wide: bool = False):
+    """A small config of the family with SGLang-friendly head sizes (MLA: kv_lora 512, rope 64).
+
+    Qwen3-MoE has no dense layer (as Qwen3-30B-A3B): SGLang 0.5.17 cannot serve one (docs/perf/sglang.md).
+    ``wide`` (llama only): ~1.05 B parameters, 2.1 GB in bf16, for the weight-push throughput row (issue 10).
+    """
     import transformers as tf
 
-    common = dict(vocab_size=vocab, hidden_size=256, num_hidden_layers=3, max_position_embeddings=512,
+    common = dict(vocab_size=vocab, hidden_size=256, num_hidden_layers=3, max_position_embeddings=2048,
                   initializer_range=0.08, tie_word_embeddings=False, rms_norm_eps=1e-6)  # fmt: skip
     gqa = dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=512, rope_theta=1e6)
+    if wide:
+        if family != "llama":
+            raise ValueError("wide=True is a llama config")
+        common.update(hidden_size=2048, num_hidden_layers=14, initializer_range=0.02)
+        return tf.LlamaConfig(**common, num_attention_heads=16, num_key_value_heads=4, intermediate_size=8192,
+                              rope_theta=1e6, head_dim=128)  # fmt: skip
     if family == "llama":
         return tf.LlamaConfig(**common, **gqa, head_dim=64)
     if family == "qwen2":
@@ -52,7 +62,7 @@ def tiny_hf_config(family: str, vocab: int = 512):
         return tf.Qwen3Config(**common, **gqa, head_dim=64)
     if family == "qwen3_moe":
         return tf.Qwen3MoeConfig(**common, **gqa, head_dim=64, num_experts=8, num_experts_per_tok=2,
-                                 moe_intermediate_size=128, decoder_sparse_step=1, mlp_only_layers=[0],
+                                 moe_intermediate_size=128, decoder_sparse_step=1, mlp_only_layers=[],
                                  norm_topk_prob=True)  # fmt: skip
     if family == "deepseek_v3":
         return tf.DeepseekV3Config(**common, num_attention_heads=4, num_key_value_heads=4, intermediate_size=512,
@@ -66,13 +76,27 @@ def tiny_hf_config(family: str, vocab: int = 512):
     raise ValueError(f"--family {family!r} is not one of {FAMILIES}")
 
 
-def make_tiny_hf(family: str, out: Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
+def make_tiny_hf(
+    family: str,
+    out: Path,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    tokenizer_from: Path | None = None,
+    wide: bool = False,
+) -> Path:
     """Save a random model of ``family`` as a HF folder. Norm weights and the expert bias are moved off their
-    initial values (1 and 0) so that a norm or bias that an engine drops shows up."""
+    initial values (1 and 0) so that a norm or bias that an engine drops shows up. ``tokenizer_from``: a HF
+    folder whose tokenizer files are copied in (the vocab is sized to it), so real prompts can be used."""
+    import shutil
+
     import transformers as tf
 
+    vocab = 512
+    if tokenizer_from is not None:
+        vocab = len(tf.AutoTokenizer.from_pretrained(str(tokenizer_from)))
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(tiny_hf_config(family), dtype=torch.float32)
+    cfg = tiny_hf_config(family, vocab=vocab, wide=wide)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -82,6 +106,10 @@ def make_tiny_hf(family: str, out: Path, seed: int = 0, dtype: torch.dtype = tor
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn(b.shape, generator=g) * 0.05)
     model.to(dtype).save_pretrained(out)
+    if tokenizer_from is not None:
+        for f in Path(tokenizer_from).iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+                shutil.copy(f, Path(out) / f.name)
     return out
 
 

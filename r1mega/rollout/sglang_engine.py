@@ -210,6 +210,7 @@ class SGLangRolloutEngine:
         if self.cfg.train.fp32_lm_head:  # server_args.py of sglang 0.5.17: logits in fp32 (logits_processor.py)
             kwargs["enable_fp32_lm_head"] = True
         kwargs.update(self.engine_kwargs)
+        self.engine_args = kwargs  # what the server was started with (tools/compare_trainer_engine.py reuses them)
         self._engine = sgl.Engine(**kwargs)
 
     # ------------------------------------------------------------------------------ memory

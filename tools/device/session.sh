@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One device command = a list of named stages, each with its own hard timeout, all inside one deadline.
+#
+#   bash tools/device/session.sh DEADLINE_S stage[:timeout_s] ...        (on the GPU machine, project root)
+#
+# Run after the carries (docs/perf/README.md lists them). Every stage's log goes to /tmp/r1logs/<stage>.log and its
+# tail to stdout; after every stage /tmp/r1logs (logs + JSON results) is packed into $OUT/r1logs.tgz, so whatever
+# finished comes back even when a later stage is killed. GPU processes left by a stage are killed before the next
+# (an SGLang failure can leave its schedulers holding memory). The stages are the commands of docs/perf/*.md.
+set -u
+deadline=$(( $(date +%s) + $1 )); shift
+source /tmp/carry/env.sh; source /tmp/carry/sglang_env.sh; source /tmp/carry/smol_env.sh; source /tmp/carry/e2e_env.sh
+export PYTHONPATH=$PWD:$PWD/kernels:$PYTHONPATH PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TOKENIZERS_PARALLELISM=false
+export GSM8K_DIR=${GSM8K_DIR:-/tmp/gsm8k} SMOLLM2_HF=${SMOLLM2_HF:-/tmp/smollm2_hf}
+L=/tmp/r1logs; mkdir -p $L
+CTE="python3 -u tools/compare_trainer_engine.py"
+CE="python3 -u tools/compare_engines.py"
+TRAIN="python3 -u -m r1mega.train"
+EVAL="python3 -u -m r1mega.eval.cli"
+E='{"debug_tensor_dump_output_folder": null}'
+
+cmd_of() {  # stage name -> command line (sizes from env: SMOKE=1 makes every stage small)
+  local s=${SMOKE:-0} n=64; [ "$s" = 1 ] && n=16
+  case $1 in
+    cte_smol) echo "$CTE --hf-dir $SMOLLM2_HF --prompts $n --json $L/cte_smol.json -- data.template=chat train.fp32_lm_head=true" ;;
+    cte_smol_bf16) echo "$CTE --hf-dir $SMOLLM2_HF --prompts $n --json $L/cte_smol_bf16.json -- data.template=chat" ;;
+    cte_smol_gen) echo "$CTE --hf-dir $SMOLLM2_HF --prompts $n --bench-gen --new-tokens 256 --json $L/cte_smol_gen.json -- data.template=chat train.fp32_lm_head=true" ;;
+    cte_qmoe) echo "$CTE --family qwen3_moe --tokenizer-from $SMOLLM2_HF --prompts $n --json $L/cte_qmoe.json -- data.template=chat train.fp32_lm_head=true rollout.routing_replay=true" ;;
+    cte_dsv3) echo "$CTE --family deepseek_v3 --tokenizer-from $SMOLLM2_HF --prompts $n --json $L/cte_dsv3.json -- data.template=chat train.fp32_lm_head=true rollout.routing_replay=true" ;;
+    cte_wide) echo "$CTE --family llama --wide --tokenizer-from $SMOLLM2_HF --prompts 8 --json $L/cte_wide.json -- data.template=chat" ;;
+    ce_smol) echo "$CE --hf-dir $SMOLLM2_HF --fp32-lm-head --prompts $n --greedy-prompts $n --flattened --json $L/ce_smol.json --engine-kwargs '$E'" ;;
+    grpo_sglang)
+      local st=20 sft=200; [ "$s" = 1 ] && st=2 sft=10
+      echo "$TRAIN +preset=smollm2_gsm8k train.steps=$st sft.steps=$sft train.eval_every=0 data.num_eval=64 train.fp32_lm_head=true train.offload_optimizer_during_rollout=true rollout.max_logp_gap=0.5 algo.tis=token logging.wandb_mode=offline logging.out_dir=$L/grpo_sglang train.save_every=0 train.max_minutes=8" ;;
+    eval_sglang)
+      local lim=0 k=16; [ "$s" = 1 ] && lim=32 k=2
+      echo "$EVAL model.hf_path=$SMOLLM2_HF rollout=sglang train.precision=bf16 train.device=cuda rollout.max_batch_size=1024 eval.sets=[gsm8k,math500] eval.k=$k eval.limit=$lim eval.template=chat eval.max_new_tokens=1024 eval.save_responses=false logging.wandb_mode=offline logging.out_dir=$L/eval_sglang" ;;
+    eval_greedy) echo "$EVAL model.hf_path=$SMOLLM2_HF rollout=sglang train.precision=bf16 train.device=cuda eval.sets=[gsm8k] eval.greedy=true eval.template=chat eval.max_new_tokens=1024 eval.save_responses=false logging.wandb_mode=disabled logging.out_dir=$L/eval_greedy" ;;
+    eval_cmp_sglang|eval_cmp_megatron)
+      local eng=${1#eval_cmp_} lim=300 bs=1024; [ "$s" = 1 ] && lim=16; [ $eng = megatron ] && bs=512
+      echo "$EVAL model.hf_path=$SMOLLM2_HF rollout=$eng train.precision=bf16 train.device=cuda rollout.max_batch_size=$bs eval.sets=[gsm8k] eval.k=16 eval.limit=$lim eval.template=chat eval.max_new_tokens=512 eval.save_responses=false logging.wandb_mode=disabled logging.out_dir=$L/$1" ;;
+    eval_cmp) echo "python3 tools/compare_eval_engines.py $L/eval_cmp_megatron/eval.json $L/eval_cmp_sglang/eval.json --labels megatron sglang" ;;
+    bench_step)
+      if [ "$s" = 1 ]; then echo "python3 -u tools/bench_train_step.py --models qwen3 --precisions bf16 --layers 1 --steps 1 --tokens 16384 --no-profile"
+      else echo "python3 -u tools/bench_train_step.py"; fi ;;
+    *) echo "false unknown-stage-$1" ;;
+  esac
+}
+
+summary=$L/summary.txt; : > $summary
+for spec in "$@"; do
+  name=${spec%%:*}; to=${spec#*:}; [ "$to" = "$spec" ] && to=300
+  left=$(( deadline - $(date +%s) - 15 ))
+  [ $left -lt 30 ] && { echo "SKIP $name (deadline)" | tee -a $summary; continue; }
+  [ $to -gt $left ] && to=$left
+  c=$(cmd_of $name); echo "=== $name (timeout ${to}s): $c"
+  t0=$(date +%s)
+  timeout -s KILL $to bash -c "$c" > $L/$name.log 2>&1; rc=$?
+  nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null;
+  echo "$name rc=$rc wall=$(( $(date +%s) - t0 ))s" | tee -a $summary
+  grep -v -e Warning -e warnings.warn -e 'it/s]' $L/$name.log | tail -n ${TAIL:-14}
+  tar czf $OUT/r1logs.tgz -C /tmp r1logs 2>/dev/null
+done
+echo; cat $summary
