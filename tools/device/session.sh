@@ -5,8 +5,8 @@
 #
 # Run after the carries (docs/perf/README.md lists them). Every stage's log goes to /tmp/r1logs/<stage>.log and its
 # tail to stdout; after every stage /tmp/r1logs (logs + JSON results) is packed into $OUT/r1logs.tgz, so whatever
-# finished comes back even when a later stage is killed. GPU processes left by a stage are killed before the next
-# (an SGLang failure can leave its schedulers holding memory). The stages are the commands of docs/perf/*.md.
+# finished comes back even when a later stage is killed. SGLang processes left by a stage are killed before the next
+# (an SGLang failure can leave its schedulers holding memory). A stage written +name runs in the background. The stages are the commands of docs/perf/*.md.
 set -u
 deadline=$(( $(date +%s) + $1 )); shift
 source /tmp/carry/env.sh; source /tmp/carry/sglang_env.sh; source /tmp/carry/smol_env.sh; source /tmp/carry/e2e_env.sh
@@ -41,24 +41,34 @@ cmd_of() {  # stage name -> command line (sizes from env: SMOKE=1 makes every st
       echo "$EVAL model.hf_path=$SMOLLM2_HF rollout=$eng train.precision=bf16 train.device=cuda rollout.max_batch_size=$bs eval.sets=[gsm8k] eval.k=16 eval.limit=$lim eval.template=chat eval.max_new_tokens=512 eval.save_responses=false logging.wandb_mode=disabled logging.out_dir=$L/$1" ;;
     eval_cmp) echo "python3 tools/compare_eval_engines.py $L/eval_cmp_megatron/eval.json $L/eval_cmp_sglang/eval.json --labels megatron sglang" ;;
     bench_step)
-      if [ "$s" = 1 ]; then echo "python3 -u tools/bench_train_step.py --models qwen3 --precisions bf16 --layers 1 --steps 1 --tokens 16384 --no-profile"
+      if [ "$s" = 1 ]; then echo "python3 -u tools/bench_train_step.py --models qwen3,dsv3 --precisions bf16,fp8 --layers 1 --steps 1 --tokens 16384 --no-logprob"
       else echo "python3 -u tools/bench_train_step.py"; fi ;;
     *) echo "false unknown-stage-$1" ;;
   esac
 }
 
 summary=$L/summary.txt; : > $summary
+bg=()
 for spec in "$@"; do
   name=${spec%%:*}; to=${spec#*:}; [ "$to" = "$spec" ] && to=300
   left=$(( deadline - $(date +%s) - 15 ))
   [ $left -lt 30 ] && { echo "SKIP $name (deadline)" | tee -a $summary; continue; }
   [ $to -gt $left ] && to=$left
+  if [ "${name:0:1}" = "+" ]; then  # +stage: in the background, beside the next ones (smoke runs only)
+    name=${name:1}; c=$(cmd_of $name); echo "=== $name in the background (timeout ${to}s): $c"
+    ( t0=$(date +%s); timeout -s KILL $to bash -c "$c" > $L/$name.log 2>&1; rc=$?
+      echo "$name rc=$rc wall=$(( $(date +%s) - t0 ))s (background)" >> $summary ) &
+    bg+=($!); continue
+  fi
   c=$(cmd_of $name); echo "=== $name (timeout ${to}s): $c"
   t0=$(date +%s)
   timeout -s KILL $to bash -c "$c" > $L/$name.log 2>&1; rc=$?
-  nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null;
+  pkill -9 -f 'sglang::' 2>/dev/null  # SGLang's schedulers outlive a killed parent and hold GPU memory
   echo "$name rc=$rc wall=$(( $(date +%s) - t0 ))s" | tee -a $summary
   grep -v -e Warning -e warnings.warn -e 'it/s]' $L/$name.log | tail -n ${TAIL:-14}
   tar czf $OUT/r1logs.tgz -C /tmp r1logs 2>/dev/null
 done
+for p in "${bg[@]}"; do wait $p; done
+[ ${#bg[@]} -gt 0 ] && for spec in "$@"; do [ "${spec:0:1}" = "+" ] && { n=${spec%%:*}; n=${n:1}; echo "--- $n (background)"; grep -v -e Warning -e warnings.warn $L/$n.log | tail -n ${TAIL:-14}; }; done
+tar czf $OUT/r1logs.tgz -C /tmp r1logs 2>/dev/null
 echo; cat $summary
