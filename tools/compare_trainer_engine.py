@@ -165,7 +165,9 @@ def push(s: Setup) -> dict[str, float]:
     return dict(getattr(s.cand, "last_push_metrics", {}) or {})
 
 
-def bench_generation(s: Setup, hf_dir: Path, prompts: list[list[int]], group: int, seed: int) -> dict[str, float]:
+def bench_generation(
+    s: Setup, hf_dir: Path, prompts: list[list[int]], group: int, new_tokens: int, seed: int
+) -> dict[str, float]:
     """Tokens/s of r1mega's SGLang engine vs a standalone ``sglang.Engine`` with the same server settings on the
     same HF folder (its own loader, no memory saver), same prompts x G and sampling settings. Ours first (it is
     then shut down to free the GPU); each side gets one untimed warm-up call."""
@@ -175,7 +177,7 @@ def bench_generation(s: Setup, hf_dir: Path, prompts: list[list[int]], group: in
     from r1mega.rollout.sglang_io import request_seed, sampling_dict
 
     reqs = [p for p in prompts for _ in range(group)]
-    sp = SamplingParams(1.0, 1.0, 0, s.cfg.rollout.sampling.max_new_tokens, seed=seed)
+    sp = SamplingParams(1.0, 1.0, 0, new_tokens, seed=seed)
     s.cand.resume_memory()
     s.cand.generate(reqs[: len(prompts)], sp)
     t0 = time.perf_counter()
@@ -187,6 +189,7 @@ def bench_generation(s: Setup, hf_dir: Path, prompts: list[list[int]], group: in
     torch.cuda.empty_cache()
     for k in ("load_format", "enable_memory_saver", "model_path"):
         kw.pop(k, None)
+    kw["port"] = kw.get("port", 30000) + 50  # ours may still hold its ports for a moment
     eng = sgl.Engine(model_path=str(hf_dir), **kw)
     try:
         eos = int(s.tok.eos_id)
@@ -249,7 +252,7 @@ def run(args) -> dict:
             summary[tag] = res
             log(f"[{tag}] {json.dumps(res)}")
         if args.bench_gen:
-            summary["bench_gen"] = bench_generation(s, hf_dir, prompts, args.group, cfg.train.seed)
+            summary["bench_gen"] = bench_generation(s, hf_dir, prompts, args.group, args.gen_tokens, cfg.train.seed)
             log(f"[bench_gen] {json.dumps(summary['bench_gen'])}")
     finally:
         s.close()
@@ -285,6 +288,7 @@ def main() -> None:  # pragma: no cover - argument parsing; run() is tested
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--bench-gen", action="store_true", help="tokens/s vs a standalone sglang.Engine")
     ap.add_argument("--group", type=int, default=8, help="--bench-gen: samples per prompt")
+    ap.add_argument("--gen-tokens", type=int, default=256, help="--bench-gen: max new tokens (the GRPO run's)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("overrides", nargs="*", help="r1mega Hydra overrides (after --)")
     args = ap.parse_args()
