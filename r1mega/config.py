@@ -156,11 +156,16 @@ class SGLangRolloutConfig(RolloutConfig):
     attention_backend: str = "triton"
     sampling_backend: str = "pytorch"
     disable_cuda_graph: bool = False  # CUDA graphs on (the first probe ran them off)
+    # sglang 0.5.17 also captures ~58 prefill graphs (4..8192 tokens) at start: 50-100 s on the H200 for a 135M
+    # model (docs/perf/sglang.md), for little gain on RL prefills; decode graphs stay on
+    disable_prefill_cuda_graph: bool = True
     chunked_prefill_size: Optional[int] = None  # SGLang's chunked_prefill_size; None = its default, -1 = off
     deterministic: bool = False  # enable_deterministic_inference: honours the per-request sampling seeds
     bucket_mb: int = 512  # weight push: MiB per update_weights_from_tensor call (one dtype per bucket)
     flattened_bucket: bool = True  # push as FlattenedTensorBucket (load_format="flattened_bucket"), else tensor lists
-    verify_push_every: int = 1  # read a sample back after the first push and every N-th (0 = never)
+    # read a sample of the pushed tensors back after the first push, then every N-th (0 = the first only): each read
+    # costs ~2 s (16 get_weights_by_name calls; 30 % of a SmolLM2 step on the H200 when done every push)
+    verify_push_every: int = 0
     base_port: int = 30000  # engine ports: base_port + 100 * first GPU of the TP group
 
     def __post_init__(self) -> None:

@@ -97,14 +97,27 @@ def test_push_verification(runtime, fake):
     victim = "model.layers.0.self_attn.o_proj.weight"
     f.drop, f.loaded = {victim}, {}  # an SGLang that has no parameter for it: the push must not pass silently
     cfg.rollout.bucket_mb, engine.bucket_bytes = 1, 1  # one tensor per bucket: the victim is sampled
+    cfg.rollout.verify_push_every = 1  # every push read back (the default reads back only the first)
     with pytest.raises(RuntimeError, match=victim.replace(".", r"\.")):
         engine.update_weights(policy)
     engine.shutdown()
 
-    cfg.rollout.verify_push_every = 0  # off: never read back
+    cfg.rollout.verify_push_every = 0  # the default: the first push is read back, later ones are not (~2 s each)
     engine = SGLangRolloutEngine(cfg, policy, tok)
     engine.update_weights(policy)
-    assert "get_weights" not in [c[0] for c in FakeEngine.instances[-1].calls]
+    calls = FakeEngine.instances[-1].calls
+    first = sum(c[0] == "get_weights" for c in calls)
+    engine.update_weights(policy)
+    assert first >= 1 and sum(c[0] == "get_weights" for c in calls) == first
+    engine.shutdown()
+    cfg.rollout.verify_push_every = 2  # and every 2nd push after it
+    engine = SGLangRolloutEngine(cfg, policy, tok)
+    calls = FakeEngine.instances[-1].calls
+    counts = []
+    for _ in range(3):
+        engine.update_weights(policy)
+        counts.append(sum(c[0] == "get_weights" for c in calls))
+    assert counts[0] > 0 and counts[1] == counts[0] and counts[2] == 2 * counts[0]
     engine.shutdown()
 
 
@@ -129,6 +142,7 @@ def test_knobs_and_routed_experts(runtime, fake):
     engine = SGLangRolloutEngine(cfg, policy, tok)
     kw = FakeEngine.instances[-1].kwargs
     assert kw["disable_cuda_graph"] is False and kw["attention_backend"] == "triton"  # CUDA graphs on by default
+    assert kw["disable_prefill_cuda_graph"] is True  # but not the start-up capture of ~58 prefill graphs
     assert kw["chunked_prefill_size"] == 4096 and kw["enable_return_routed_experts"] is True
     engine.resume_memory()
     prompts = [[1, 2, 3], [4, 5]]

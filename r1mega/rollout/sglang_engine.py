@@ -46,7 +46,7 @@ Weight push: the :class:`~r1mega.rollout.base.WeightSource` streams (HF name, te
 (:mod:`r1mega.rollout.weight_push`), each sent as a ``FlattenedTensorBucket`` over CUDA IPC
 (``load_format="flattened_bucket"``, ``flush_cache=False``), then one ``flush_cache()``. A bucket never splits
 a layer's ``q_a_proj`` / ``kv_a_proj_with_mqa`` pair (SGLang fuses them within one call). After the first push
-(and every ``rollout.verify_push_every``-th) a sample is read back with ``get_weights_by_name`` (SGLang drops
+(and every ``rollout.verify_push_every``-th, if set) a sample is read back with ``get_weights_by_name`` (SGLang drops
 unknown names silently). ``last_push_metrics``: bytes, seconds, GB/s, gather / convert / ipc_load / verify.
 The engine never sees the model.
 
@@ -201,6 +201,7 @@ class SGLangRolloutEngine:
             mem_fraction_static=self.settings.mem_fraction,
             enable_memory_saver=True,
             disable_cuda_graph=self.settings.disable_cuda_graph,
+            disable_prefill_cuda_graph=self.settings.disable_prefill_cuda_graph,
             tp_size=self._tp_size,
             base_gpu_id=base_gpu,
             port=self.settings.base_port + 100 * base_gpu,
@@ -250,7 +251,7 @@ class SGLangRolloutEngine:
         """Push the trainer's weights (collective over the TP / EP groups: every rank must call it).
 
         Single-dtype flattened buckets (r1mega/rollout/weight_push.py) over CUDA IPC; after the first push and
-        every ``rollout.verify_push_every``-th, a sample is read back; ``last_push_metrics`` has the split.
+        every ``rollout.verify_push_every``-th (if set), a sample is read back; ``last_push_metrics`` has the split.
         """
         self._resume([WEIGHTS])  # the weights must be resident to be written; the KV cache can wait
         stats, sample = PushStats(), {}
@@ -269,7 +270,7 @@ class SGLangRolloutEngine:
             self._engine.flush_cache()  # no prefix computed with the old weights may be reused
         stats.seconds = time.perf_counter() - stats.started
         every = self.settings.verify_push_every
-        if every and self._engine is not None and self._pushes % every == 0:
+        if self._engine is not None and (self._pushes == 0 or (every and self._pushes % every == 0)):
             t0 = time.perf_counter()
             self._verify(sample)
             stats.verify = time.perf_counter() - t0
