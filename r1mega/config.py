@@ -159,6 +159,8 @@ class SGLangRolloutConfig(RolloutConfig):
     # sglang 0.5.17 also captures ~58 prefill graphs (4..8192 tokens) at start: 50-100 s on the H200 for a 135M
     # model (docs/perf/sglang.md), for little gain on RL prefills; decode graphs stay on
     disable_prefill_cuda_graph: bool = True
+    cuda_graph_max_bs: Optional[int] = None  # largest decode batch run as a CUDA graph (cuda_graph_max_bs_decode);
+    # None = SGLang's own choice (256 on the H200), above it a decode step runs eagerly
     chunked_prefill_size: Optional[int] = None  # SGLang's chunked_prefill_size; None = its default, -1 = off
     deterministic: bool = False  # enable_deterministic_inference: honours the per-request sampling seeds
     bucket_mb: int = 512  # weight push: MiB per update_weights_from_tensor call (one dtype per bucket)
@@ -173,7 +175,7 @@ class SGLangRolloutConfig(RolloutConfig):
         _check(
             self,
             "rollout",
-            positive="bucket_mb base_port",
+            positive="bucket_mb base_port cuda_graph_max_bs",
             nonneg="verify_push_every",
             choices={"sampling_backend": SGLangSampling},
         )

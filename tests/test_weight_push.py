@@ -143,6 +143,7 @@ def test_knobs_and_routed_experts(runtime, fake):
     kw = FakeEngine.instances[-1].kwargs
     assert kw["disable_cuda_graph"] is False and kw["attention_backend"] == "triton"  # CUDA graphs on by default
     assert kw["disable_prefill_cuda_graph"] is True  # but not the start-up capture of ~58 prefill graphs
+    assert "cuda_graph_max_bs_decode" not in kw  # SGLang's own choice unless rollout.cuda_graph_max_bs is set
     assert kw["chunked_prefill_size"] == 4096 and kw["enable_return_routed_experts"] is True
     engine.resume_memory()
     prompts = [[1, 2, 3], [4, 5]]

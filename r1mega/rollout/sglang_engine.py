@@ -1,14 +1,11 @@
 """Rollouts from SGLang, colocated on the trainer's GPUs; weights pushed in memory after each update.
 
-STATUS: experimental. On the CPU it is tested against a fake ``sglang`` module
-(tests/test_sglang_engine.py: request / response mapping, bucketed weight push, release / resume
-ordering, the TP=2 broadcast), and the weight layouts it pushes are proven against transformers
-(tests/test_hf_export.py). On the H200 (tools/device/sglang_probe.py, 2026-11-29, docs/perf/sglang_probe.md)
-it started (31 s), pushed, generated, released 44 GB and after release -> update -> resume reproduced its
-own outputs exactly; but on the same bf16 weights of a tiny DeepSeek-V3-architecture policy its greedy
-answers matched megatron's engine on only 2 of 4 prompts, with mean |log-prob gap| 0.23: a semantic
-mismatch between SGLang's DeepSeek-V3 model and megatron's (transformers matches megatron to 2e-5) that
-must be found before this backend is used for training.
+STATUS: runs colocated GRPO on the H200 (docs/perf/sglang.md, 2026-12-02): SmolLM2-135M (Llama architecture),
+SFT + 8 GRPO steps with push, release / resume and read-back every step, mean |log pi_SGLang - log pi_trainer|
+0.020 per token with the LM head in fp32 on both sides (issue 10's bound is 0.01; NeMo-RL's token_mult_prob_error
+1.021 < 1.05). The MoE and MLA families are tested on the CPU against a fake ``sglang`` module
+(tests/test_sglang_engine.py, tests/test_weight_push.py) and their layouts against transformers
+(tests/test_hf_export.py); on the GPU they are not measured yet (tools/compare_trainer_engine.py).
 
 Layout (one SGLang engine per trainer TP group):
 
@@ -209,6 +206,8 @@ class SGLangRolloutEngine:
             max_running_requests=self.settings.max_batch_size,
             log_level="error",
         )
+        if self.settings.cuda_graph_max_bs is not None:  # sglang 0.5.17's name (--cuda-graph-max-bs is its alias)
+            kwargs["cuda_graph_max_bs_decode"] = self.settings.cuda_graph_max_bs
         if self.settings.chunked_prefill_size is not None:
             kwargs["chunked_prefill_size"] = self.settings.chunked_prefill_size
         if self._routing is not None:
