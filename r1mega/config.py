@@ -11,7 +11,7 @@ the rules across sections and against the world size (both in :mod:`r1mega.confi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from r1mega.config_checks import _check, _in_range, _plugin
 from r1mega.eval.config import EvalConfig
@@ -169,6 +169,9 @@ class SGLangRolloutConfig(RolloutConfig):
     # costs ~2 s (16 get_weights_by_name calls; 30 % of a SmolLM2 step on the H200 when done every push)
     verify_push_every: int = 0
     base_port: int = 30000  # engine ports: base_port + 100 * first GPU of the TP group
+    # any other sglang.Engine / ServerArgs field, applied last (SGLang checks the names):
+    #   +rollout.server_args.triton_attention_reduce_in_fp32=true   (the '+' adds a key to this free-form dict)
+    server_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -137,7 +137,7 @@ class SGLangRolloutEngine:
         self.settings: SGLangRolloutConfig = cfg.rollout  # rollout=sglang (checked by build_rollout_engine)
         self.cfg, self.weights, self.tokenizer = cfg, weights, tokenizer
         self.bucket_bytes = bucket_bytes or self.settings.bucket_mb << 20
-        self.engine_kwargs = dict(engine_kwargs or {})
+        self.engine_kwargs = {**cfg.rollout.server_args, **(engine_kwargs or {})}  # rollout.server_args, then code's
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self._tp_group, self._tp_size, self._owner_rank, self._dp_rank = None, 1, 0, 0
         if dist.is_available() and dist.is_initialized():
