@@ -31,3 +31,25 @@ def test_megatron_against_itself(family, smollm2, tmp_path):
         if family == "qwen3_moe":  # R3: the gap with the candidate's experts replayed is measured beside
             assert r["r3_logp_diff_max"] < 1e-4
     assert (tmp_path / "s.json").exists()
+
+
+def test_sglang_path_runs_against_a_fake_sglang(smollm2, tmp_path, monkeypatch):
+    """The SGLang side of the tool (push, release / resume, the standalone-engine benchmark) on the fake ``sglang``
+    of tests/test_sglang_engine.py: its answers and log-probs are made up, so only the plumbing is checked."""
+    from tests.test_sglang_engine import FakeEngine, install_fake_sglang
+
+    for name in ("sglang", "sglang.srt.utils", "sglang.srt.weight_sync.tensor_bucket"):
+        monkeypatch.setitem(sys.modules, name, None)
+    install_fake_sglang()
+    args = argparse.Namespace(hf_dir=None, family="llama", tokenizer_from=smollm2, wide=False, engine="sglang",
+                              prompts=2, new_tokens=4, bench_gen=True, group=2, gen_tokens=4, json=None,
+                              overrides=["data.template=chat"])  # fmt: skip
+    s = cte.run(args)
+    assert s["push"]["push/bytes"] > 0 and s["push"]["push/buckets"] >= 1
+    for tag in ("same_weights", "after_push"):
+        assert s[tag]["greedy_prompts"] == 2 and s[tag]["tokens"] > 0
+    b = s["bench_gen"]
+    assert b["requests"] == 4 and b["ours_tok_s"] > 0 and b["standalone_tok_s"] > 0
+    ours, standalone = FakeEngine.instances[0], FakeEngine.instances[-1]
+    assert ours.kwargs["load_format"] == "dummy" and standalone.kwargs["model_path"] != ours.kwargs["model_path"]
+    assert "enable_memory_saver" not in standalone.kwargs and standalone.kwargs["port"] == ours.kwargs["port"] + 50

@@ -43,6 +43,8 @@ class FakeEngine:
         self.config = json.loads((Path(kwargs["model_path"]) / "config.json").read_text())
         self.responder = default_responder
         self.drop: set[str] = set()  # names this fake SGLang has no parameter for
+        if kwargs.get("load_format", "auto") != "dummy":  # a standalone engine reads its weights from model_path
+            self.loaded["<from disk>"] = torch.zeros(1)
         FakeEngine.instances.append(self)
 
     def release_memory_occupation(self, tags=None):

@@ -194,7 +194,7 @@ def bench_generation(
     try:
         eos = int(s.tok.eos_id)
         params = [sampling_dict(sp, eos, request_seed(seed, 0, i)) for i in range(len(reqs))]
-        eng.generate(input_ids=reqs[: len(prompts)], sampling_params=params[: len(prompts)])
+        eng.generate(input_ids=reqs[: len(prompts)], sampling_params=params[: len(prompts)], return_logprob=True)
         t0 = time.perf_counter()
         res = eng.generate(input_ids=reqs, sampling_params=params, return_logprob=True)
         base_s = time.perf_counter() - t0
