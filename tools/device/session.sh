@@ -3,7 +3,8 @@
 #
 #   bash tools/device/session.sh DEADLINE_S stage[:timeout_s] ...        (on the GPU machine, project root)
 #
-# Run after the carries (docs/perf/README.md lists them). Every stage's log goes to /tmp/r1logs/<stage>.log and its
+# Run after the 12 carry commands (docs/perf/sglang.md, "Next GPU session"): send the first one alone and the others
+# only once it ran (while no machine is lent, each queued call is refused at 15 s of device time). Every stage's log goes to /tmp/r1logs/<stage>.log and its
 # tail to stdout; after every stage /tmp/r1logs (logs + JSON results) is packed into $OUT/r1logs.tgz, so whatever
 # finished comes back even when a later stage is killed. SGLang processes left by a stage are killed before the next
 # (an SGLang failure can leave its schedulers holding memory). A stage written +name runs in the background. The stages are the commands of docs/perf/*.md.
