@@ -68,7 +68,36 @@ def test_tool_prints_and_exits_by_agreement(tmp_path, capsys):
     paths = [save_results(r, tmp_path / f"{n}.json") for n, r in (("m", _results(rates, 16, 7)[0]), ("s", same))]
     assert tool.main([str(paths[0]), str(paths[1])]) == 0
     out = capsys.readouterr().out
-    assert "megatron pass@1" in out and "sglang pass@1" in out and "yes" in out
+    assert "megatron %" in out and "sglang %" in out and "yes" in out
+    assert all(m in out for m in ("pass@1", "answered", "format", "finished"))
     far_path = save_results(far, tmp_path / "far.json")
     assert tool.main([str(paths[0]), str(far_path), "--labels", "x", "y"]) == 1
     assert "NO" in capsys.readouterr().out
+
+
+def _unanswered(rates: list[float], k: int, seed: int) -> EvalResults:
+    """Nothing correct (SmolLM2 on GSM8K); each sample gives an answer with the problem's rate."""
+    rng = random.Random(seed)
+    problems = [
+        ProblemResult(
+            i,
+            f"q{i}",
+            "1",
+            [SampleResult("2" if rng.random() < r else None, False, False, 5, True) for _ in range(k)],
+            [],
+            None,
+            False,
+        )  # fmt: skip
+        for i, r in enumerate(rates)
+    ]
+    return EvalResults({"k": k}, {"gsm8k": SetResult("gsm8k", problems, summarize(problems))})
+
+
+def test_other_rates_tell_engines_apart_when_pass1_is_zero():
+    a, b = _unanswered([0.05] * 60, 8, 1), _unanswered([0.6] * 60, 8, 2)
+    rows = {r.metric: r for r in compare_results(a, b, metrics=("pass@1", "answered", "format"))}
+    assert rows["pass@1"].agree and rows["pass@1"].pass1_a == rows["pass@1"].pass1_b == 0.0
+    assert not rows["answered"].agree and rows["answered"].pass1_b > 0.5 > rows["answered"].pass1_a
+    assert rows["format"].agree
+    with pytest.raises(ValueError, match="unknown metric"):
+        compare_results(a, b, metrics=("bogus",))
