@@ -21,13 +21,15 @@ def test_megatron_against_itself(family, smollm2, tmp_path):
     overrides = ["data.template=chat"] + (["rollout.routing_replay=true"] if family != "llama" else [])
     args = argparse.Namespace(hf_dir=None, family=family, tokenizer_from=smollm2, wide=False, engine="megatron",
                               prompts=2, new_tokens=4, bench_gen=False, group=2, json=tmp_path / "s.json",
-                              overrides=overrides)  # fmt: skip
+                              floor=family == "llama", overrides=overrides)  # fmt: skip
     s = cte.run(args)
     for tag in ("same_weights", "after_push"):
         r = s[tag]
         assert r["tokens"] == 8 and r["logp_diff_max"] < 1e-4, r
         assert 1.0 <= r["token_mult_prob_error"] < 1.0001
         assert r["greedy_equal"] == r["greedy_prompts"] == 2
+        if family == "llama":  # --floor: fp32 on both sides of this CPU run, so the fp32 forward is the same one
+            assert r["fp32_gap_engine_max"] < 1e-4 and r["fp32_gap_trainer_max"] < 1e-4
         if family == "qwen3_moe":  # R3: the gap with the candidate's experts replayed is measured beside
             assert r["r3_logp_diff_max"] < 1e-4
     assert (tmp_path / "s.json").exists()
@@ -42,7 +44,7 @@ def test_sglang_path_runs_against_a_fake_sglang(smollm2, tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)
     install_fake_sglang()
     args = argparse.Namespace(hf_dir=None, family="llama", tokenizer_from=smollm2, wide=False, engine="sglang",
-                              prompts=2, new_tokens=4, bench_gen=True, group=2, gen_tokens=4, json=None,
+                              prompts=2, new_tokens=4, bench_gen=True, group=2, gen_tokens=4, json=None, floor=False,
                               overrides=["data.template=chat"])  # fmt: skip
     s = cte.run(args)
     assert s["push"]["push/bytes"] > 0 and s["push"]["push/buckets"] >= 1

@@ -74,7 +74,7 @@ def gsm8k_questions(n: int) -> list[str]:
 class Setup:
     """The trainer's policy and two rollout engines on its weights: ``cand`` (rollout=<engine>) and megatron."""
 
-    def __init__(self, cfg, engine: str, tokenizer) -> None:
+    def __init__(self, cfg, engine: str, tokenizer, floor: bool = False) -> None:
         from r1mega.config import MegatronRolloutConfig
         from r1mega.engine import MegatronEngine
         from r1mega.model.hf_load import load_hf_weights
@@ -95,6 +95,18 @@ class Setup:
         )
         self.megatron = build_rollout_engine(mcfg, self.policy.weights, self.tok)
         self.cand = self.megatron if engine == "megatron" else build_rollout_engine(cfg, self.policy.weights, self.tok)
+        self.exact = None  # --floor: the same weights in fp32, the forward both bf16 sides round away from
+        if floor:
+            cfg32 = replace(cfg, train=replace(cfg.train, precision="fp32", fp32_lm_head=False, fp8=None))
+            self.exact = MegatronEngine(cfg32, self.runtime, cfg.model.vocab_size or self.tok.vocab_size)
+            self.sync_exact()
+
+    def sync_exact(self) -> None:
+        """The fp32 copy takes the policy's current (bf16) weights exactly: upcasting rounds nothing."""
+        if self.exact is not None:
+            with torch.no_grad():
+                for p32, p in zip(self.exact.model.parameters(), self.policy.model.parameters(), strict=True):
+                    p32.copy_(p)
 
     def close(self) -> None:
         from r1mega.parallel.runtime import shutdown_runtime
@@ -130,6 +142,13 @@ def logprob_gap(s: Setup, prompts: list[list[int]], seed: int) -> dict[str, floa
         out[f"{tag}logp_diff_max"] = float(diff.max()) if n else 0.0
         out[f"{tag}token_mult_prob_error"] = float((diff.exp() * known).sum()) / max(n, 1.0)
         out["tokens"] = n
+    if s.exact is not None:  # each side's distance from the fp32 forward: the bf16 floor, and who is off
+        exact, _ = s.exact.compute_logprobs(batch, 1.0)
+        known = batch.mask * torch.isfinite(batch.rollout_logp)
+        n = max(float(known.sum()), 1.0)
+        for tag, lp in (("engine", batch.rollout_logp), ("trainer", batch.old_logp)):
+            d = (lp.float().cpu() - exact.float().cpu()).abs().nan_to_num(0.0) * known
+            out[f"fp32_gap_{tag}_mean"], out[f"fp32_gap_{tag}_max"] = float(d.sum()) / n, float(d.max())
     return out
 
 
@@ -234,7 +253,7 @@ def run(args) -> dict:
     tok = build_tokenizer(cfg.model.tokenizer)
     prompts = [encode_prompt(tok, q, cfg.data.template) for q in gsm8k_questions(args.prompts)]
     cfg.data.max_prompt_len = max(map(len, prompts))  # the megatron engine's context: prompt + new tokens
-    s = Setup(cfg, args.engine, tok)
+    s = Setup(cfg, args.engine, tok, floor=args.floor)
     summary: dict = {"model": str(args.hf_dir or args.family), "engine": args.engine,
                      "fp32_lm_head": cfg.train.fp32_lm_head, "routing_replay": cfg.rollout.routing_replay}  # fmt: skip
     try:
@@ -245,6 +264,7 @@ def run(args) -> dict:
         for tag in ("same_weights", "after_push"):
             if tag == "after_push":
                 perturb(s.policy)
+                s.sync_exact()
                 summary["push"] = push(s)
                 log(f"push: {json.dumps(summary['push'])}")
             res = logprob_gap(s, prompts, seed=cfg.train.seed)
@@ -270,6 +290,9 @@ def print_table(summary: dict) -> None:
         r = summary.get(tag)
         if r:
             r3 = f"{r['r3_logp_diff_mean']:.4f}" if "r3_logp_diff_mean" in r else "-"
+            if "fp32_gap_engine_mean" in r:
+                print(f"  [{tag}] from the fp32 forward: engine {r['fp32_gap_engine_mean']:.4f}, "
+                      f"trainer {r['fp32_gap_trainer_mean']:.4f} (mean |dlogp|)")  # fmt: skip
             print(f"{tag:<14}{r['logp_diff_mean']:>12.4f}{r['logp_diff_max']:>11.3f}{r['token_mult_prob_error']:>10.4f}"
                   f"{r3:>10}{r['greedy_equal']:>6}/{r['greedy_prompts']}")  # fmt: skip
     p = summary.get("push")
@@ -289,6 +312,7 @@ def main() -> None:  # pragma: no cover - argument parsing; run() is tested
     ap.add_argument("--bench-gen", action="store_true", help="tokens/s vs a standalone sglang.Engine")
     ap.add_argument("--group", type=int, default=8, help="--bench-gen: samples per prompt")
     ap.add_argument("--gen-tokens", type=int, default=256, help="--bench-gen: max new tokens (the GRPO run's)")
+    ap.add_argument("--floor", action="store_true", help="also each side's gap from the fp32 forward")
     ap.add_argument("--json", type=Path)
     ap.add_argument("overrides", nargs="*", help="r1mega Hydra overrides (after --)")
     args = ap.parse_args()

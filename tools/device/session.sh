@@ -23,7 +23,7 @@ E='{"debug_tensor_dump_output_folder": null}'
 cmd_of() {  # stage name -> command line (sizes from env: SMOKE=1 makes every stage small)
   local s=${SMOKE:-0} n=64; [ "$s" = 1 ] && n=16
   case $1 in
-    cte_smol) echo "$CTE --hf-dir $SMOLLM2_HF --prompts $n --bench-gen --json $L/cte_smol.json -- data.template=chat train.fp32_lm_head=true" ;;
+    cte_smol) echo "$CTE --hf-dir $SMOLLM2_HF --prompts $n --bench-gen --floor --json $L/cte_smol.json -- data.template=chat train.fp32_lm_head=true" ;;
     cte_smol_r32) echo "$CTE --hf-dir $SMOLLM2_HF --prompts $n --json $L/cte_smol_r32.json -- data.template=chat train.fp32_lm_head=true +rollout.server_args.triton_attention_reduce_in_fp32=true" ;;
     cte_smol_det) echo "$CTE --hf-dir $SMOLLM2_HF --prompts $n --json $L/cte_smol_det.json -- data.template=chat train.fp32_lm_head=true rollout.deterministic=true +rollout.server_args.rl_on_policy_target=fsdp" ;;
     cte_smol_bf16) echo "$CTE --hf-dir $SMOLLM2_HF --prompts $n --json $L/cte_smol_bf16.json -- data.template=chat" ;;
