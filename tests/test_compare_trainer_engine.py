@@ -55,3 +55,16 @@ def test_sglang_path_runs_against_a_fake_sglang(smollm2, tmp_path, monkeypatch):
     ours, standalone = FakeEngine.instances[0], FakeEngine.instances[-1]
     assert ours.kwargs["load_format"] == "dummy" and standalone.kwargs["model_path"] != ours.kwargs["model_path"]
     assert "enable_memory_saver" not in standalone.kwargs and standalone.kwargs["port"] == ours.kwargs["port"] + 50
+
+
+def test_bf16_floor_tool(smollm2, tmp_path):
+    """tools/bf16_floor.py on a tiny random Llama: each of the four pairs is measured, and every bf16 forward is off
+    the fp32 one (and the two bf16 ones off each other) by a small, non-zero amount."""
+    import bf16_floor
+    from compare_engines import make_tiny_hf
+
+    hf = make_tiny_hf("llama", tmp_path / "llama", tokenizer_from=smollm2)
+    out = bf16_floor.measure(hf, prompts=2, split=30)
+    for mean, mx in out.values():
+        assert 0.0 < mean <= mx < 1.0
+    assert len(out) == 4
