@@ -142,3 +142,58 @@ def test_summary_numbers_and_json_round_trip(tmp_path):
         )
     flat = back.flat_metrics()
     assert flat["eval/a/cons@4"] == pytest.approx(2 / 3) and "eval/b/pass@1" in flat
+
+
+def test_answer_extraction_rules():
+    from r1mega.eval.runner import answer_of
+
+    assert answer_of("12 times 7 is 72.") is None  # R1's rule: no tag, no box, no answer
+    assert answer_of("12 times 7 is 72.", "last_number") == "72"
+    assert answer_of("so $1,250 in all, or -3.5 each", "last_number") == "-3.5"
+    assert answer_of("total 1,250.", "last_number") == "1250"
+    assert answer_of("x \\boxed{7} then 9", "last_number") == "7"  # a box (or <answer>) wins over the last number
+    assert answer_of("<answer>4</answer> 5", "last_number") == "4"
+    assert answer_of("no digits here", "last_number") is None
+
+
+class _ScriptedEngine:
+    """Answers every prompt with the next scripted text (CharTokenizer ids)."""
+
+    def __init__(self, tok, texts):
+        self.tok, self.texts = tok, list(texts)
+
+    def resume_memory(self):
+        pass
+
+    def release_memory(self):
+        pass
+
+    def generate(self, prompts, params):
+        from r1mega.rollout.base import Rollout
+
+        out = [self.texts.pop(0) for _ in prompts]
+        return [
+            Rollout(p, self.tok.encode(t) + [self.tok.eos_id], [0.0] * (len(t) + 1), True) for p, t in zip(prompts, out)
+        ]
+
+
+@pytest.mark.parametrize(
+    "rule, correct, answered", [("strict", [0, 1, 0], [0, 1, 0]), ("last_number", [1, 1, 0], [1, 1, 1])]
+)
+def test_evaluate_scores_the_answer_the_rule_extracts(rule, correct, answered):
+    from r1mega.config import RewardConfig
+    from r1mega.data.tasks import Problem
+    from r1mega.data.tokenizer import CharTokenizer
+    from r1mega.eval.runner import EvalSettings, evaluate
+    from r1mega.rewards import RewardScorer
+
+    tok = CharTokenizer()
+    texts = ["12 times 7 is 72.", "<think>6*7</think><answer>42</answer>", "it is 5"]
+    problems = [Problem("12*7", "72"), Problem("6*7", "42"), Problem("2+2", "4")]
+    settings = EvalSettings(greedy=True, template="compact", max_new_tokens=64, progress=False, extract=rule)
+    with RewardScorer(RewardConfig(num_workers=1)) as scorer:
+        res = evaluate(_ScriptedEngine(tok, texts), tok, scorer, {"s": problems}, settings)
+    samples = [p.samples[0] for p in res.sets["s"].problems]
+    assert [int(s.correct) for s in samples] == correct
+    assert [int(s.answer is not None) for s in samples] == answered
+    assert [int(s.format) for s in samples] == [0, 1, 0]  # the format reward is R1's under either rule

@@ -8,6 +8,7 @@ from typing import Literal, Optional
 from r1mega.config_checks import ConfigError, _check, _in_range
 
 EvalTemplate = Literal[None, "r1_zero", "compact", "chat"]
+Extract = Literal["strict", "last_number"]
 
 
 @dataclass
@@ -34,10 +35,13 @@ class EvalConfig:
     chunk_problems: int = 256  # problems per engine call (each with its k samples); the progress bar steps per call
     output: Optional[str] = None  # the per-problem results JSON; None = <logging.out_dir>/eval.json
     save_responses: bool = True  # keep every response text in the JSON (large for long answers)
+    # strict: the answer is the last <answer>...</answer> or \boxed{} (R1's rule, as the reward); last_number: else the
+    # last number of the response (lm-eval's GSM8K "flexible-extract"), to set a score beside published few-shot ones
+    extract: str = "strict"
 
     def __post_init__(self) -> None:
         _check(self, "eval", positive="k temperature chunk_problems max_new_tokens", nonneg="limit top_k",
-               choices={"template": EvalTemplate})  # fmt: skip
+               choices={"template": EvalTemplate, "extract": Extract})  # fmt: skip
         _in_range(self, "eval", "top_p", "(0, 1]")
         if not self.sets:
             raise ConfigError("eval.sets is empty; name at least one set, e.g. eval.sets=[gsm8k]")

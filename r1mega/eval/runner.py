@@ -16,6 +16,7 @@ and for evaluation during training (the trainer passes its own engine, tokenizer
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -43,6 +44,7 @@ class EvalSettings:
     chunk_problems: int = 256
     save_responses: bool = True
     progress: bool = True
+    extract: str = "strict"  # eval.extract: strict | last_number
 
     @property
     def samples(self) -> int:
@@ -71,6 +73,7 @@ class EvalSettings:
             chunk_problems=e.chunk_problems,
             save_responses=e.save_responses,
             progress=cfg.logging.progress,
+            extract=e.extract,
         )
 
 
@@ -93,6 +96,19 @@ def _data_parallel() -> tuple[int, int, object]:
 def _as_answer(answer: str) -> str:
     """A bare answer as a response the scorer extracts it from unchanged (extract_answer strips the tags)."""
     return f"<answer>{answer}</answer>"
+
+
+_LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def answer_of(text: str, rule: str = "strict") -> str | None:
+    """The final answer of a response under ``eval.extract``: R1's tags / ``\\boxed{}`` (``strict``), falling back
+    to the last number in the text (``last_number``, as lm-eval's GSM8K flexible extract; thousands commas dropped)."""
+    answer = extract_answer(text)
+    if answer is not None or rule == "strict":
+        return answer
+    numbers = _LAST_NUMBER.findall(text or "")
+    return numbers[-1].replace(",", "") if numbers else None
 
 
 def equivalence_table(scorer, answer_lists: list[list[str | None]]) -> dict[tuple[str, str], bool]:
@@ -144,6 +160,7 @@ def evaluate(
     texts: list[str] = []
     accuracy: list[float] = []
     fmt: list[float] = []
+    answers: list[str | None] = []
     gen_s = 0.0
     engine.resume_memory()
     try:
@@ -156,9 +173,14 @@ def evaluate(
             chunk_texts = [tokenizer.decode(r.response_ids) for r in out]
             golds = [p.answer for _, _, p in mine[lo:hi] for _ in range(n)]
             rewards = scorer.score(chunk_texts, golds)
+            chunk_answers = [answer_of(t, settings.extract) for t in chunk_texts]
+            chunk_accuracy = rewards.accuracy
+            if settings.extract != "strict":  # the correctness of the answer this rule extracts (the format stays R1's)
+                chunk_accuracy = scorer.score([_as_answer(a) if a else "" for a in chunk_answers], golds).accuracy
             rollouts += out
             texts += chunk_texts
-            accuracy += rewards.accuracy
+            answers += chunk_answers
+            accuracy += chunk_accuracy
             fmt += rewards.format
             done = sum(accuracy) / max(len(accuracy), 1)
             bar.update(min(max(hi - lo, 0) * dp_size, len(items) - bar.n))  # rank 0's pace stands for all
@@ -167,7 +189,6 @@ def evaluate(
         engine.release_memory()
         bar.close()
 
-    answers = [extract_answer(t) for t in texts]
     by_problem = [answers[j * n : (j + 1) * n] for j in range(len(mine))]
     table = equivalence_table(scorer, by_problem)
     same = lambda a, b: table.get((a, b), False)  # noqa: E731

@@ -38,6 +38,7 @@ cmd_of() {  # stage name -> command line (sizes from env: SMOKE=1 makes every st
       local lim=0 k=16; [ "$s" = 1 ] && lim=32 k=2
       echo "$EVAL model.hf_path=$SMOLLM2_HF rollout=sglang train.precision=bf16 train.device=cuda rollout.max_batch_size=1024 eval.sets=[${1#eval_}] eval.k=$k eval.limit=$lim eval.template=chat eval.max_new_tokens=1024 eval.chunk_problems=2000 eval.save_responses=false logging.wandb_mode=offline logging.out_dir=$L/$1" ;;
     eval_greedy) echo "$EVAL model.hf_path=$SMOLLM2_HF rollout=sglang train.precision=bf16 train.device=cuda eval.sets=[gsm8k] eval.greedy=true eval.template=chat eval.max_new_tokens=1024 eval.save_responses=false logging.wandb_mode=disabled logging.out_dir=$L/eval_greedy" ;;
+    eval_greedy_ln) echo "$EVAL model.hf_path=$SMOLLM2_HF rollout=sglang train.precision=bf16 train.device=cuda eval.sets=[gsm8k] eval.greedy=true eval.template=chat eval.extract=last_number eval.max_new_tokens=1024 eval.save_responses=false logging.wandb_mode=disabled logging.out_dir=$L/eval_greedy_ln" ;;
     eval_cmp_sglang|eval_cmp_megatron)
       local eng=${1#eval_cmp_} lim=100 bs=1024; [ "$s" = 1 ] && lim=16; [ $eng = megatron ] && bs=512
       echo "$EVAL model.hf_path=$SMOLLM2_HF rollout=$eng train.precision=bf16 train.device=cuda rollout.max_batch_size=$bs eval.sets=[gsm8k] eval.k=16 eval.limit=$lim eval.template=chat eval.max_new_tokens=512 eval.chunk_problems=2000 eval.save_responses=false logging.wandb_mode=disabled logging.out_dir=$L/$1" ;;
