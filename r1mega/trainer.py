@@ -93,6 +93,26 @@ def rollout_logprob_gap(rollouts: list[Rollout], batch: TokenBatch, is_last_stag
     return (rollout_logp - batch.old_logp.cpu()).abs().nan_to_num(0.0) * known, known
 
 
+def alignment_sums(diff: torch.Tensor, known: torch.Tensor) -> dict[str, float]:
+    """The additive parts of the step's alignment metrics (summed over ranks before :func:`alignment_metrics`)."""
+    return {
+        "logp_diff_sum": float(diff.sum()),
+        "logp_diff_tokens": float(known.sum()),
+        # NeMo-RL's token_mult_prob_error: the token mean of exp(|dlogp|) (nemo_rl/algorithms/loss_functions.py)
+        "logp_mult_sum": float((torch.exp(diff) * known).sum()),
+    }
+
+
+def alignment_metrics(sums: dict[str, float], diff_max: float) -> dict[str, float]:
+    """``rollout/logp_diff_mean|max`` and ``rollout/token_mult_prob_error`` from (reduced) :func:`alignment_sums`."""
+    tokens = sums["logp_diff_tokens"]
+    return {
+        "rollout/logp_diff_mean": sums["logp_diff_sum"] / max(tokens, 1.0),
+        "rollout/logp_diff_max": diff_max,
+        "rollout/token_mult_prob_error": sums["logp_mult_sum"] / tokens if tokens else 1.0,
+    }
+
+
 def alignment_stop_reason(metrics: dict[str, float], step: int, max_gap: float | None) -> str:
     """Why the run must stop after ``step`` because the rollout engine and the trainer disagree ("" if not).
 
@@ -266,10 +286,7 @@ class GRPOTrainer:
             "finished": sum(r.finished for r in rollouts),
             "reward_timeouts": rewards.num_timeouts,
             "reward_errors": rewards.num_errors,
-            "logp_diff_sum": float(diff.sum()),
-            "logp_diff_tokens": float(known.sum()),
-            # NeMo-RL's token_mult_prob_error: the token mean of exp(|dlogp|) (nemo_rl/algorithms/loss_functions.py)
-            "logp_mult_sum": float((torch.exp(diff) * known).sum()),
+            **alignment_sums(diff, known),
         }
         g = self.policy.reduce_metrics(local)
         logp_diff_max = self.policy.reduce_max(float(diff.max()) if diff.numel() else 0.0)
@@ -285,11 +302,7 @@ class GRPOTrainer:
             # the step guard skipped an optimizer step (non-finite loss / gradient): train.max_bad_steps in a row stop
             "train/step_skipped": float(any(not m.get("update_ok", 1.0) for m in train_metrics)),
             "train/lr": self.lr_at(step),
-            "rollout/logp_diff_mean": g["logp_diff_sum"] / max(g["logp_diff_tokens"], 1.0),
-            "rollout/logp_diff_max": logp_diff_max,
-            "rollout/token_mult_prob_error": g["logp_mult_sum"] / g["logp_diff_tokens"]
-            if g["logp_diff_tokens"]
-            else 1.0,
+            **alignment_metrics(g, logp_diff_max),
         }
         for name, sec in timer.times.items():
             out[f"time/{name}"] = sec

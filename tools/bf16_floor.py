@@ -46,17 +46,17 @@ def measure(hf_dir: Path, prompts: int = 6, split: int = 40) -> dict[str, tuple[
     from r1mega.rollout.base import Rollout
     from r1mega.trainer import build_token_batch
 
-    args = argparse.Namespace(hf_dir=Path(hf_dir), prompts=prompts, split=split)
+    hf_dir = Path(hf_dir)
     cuda = torch.cuda.is_available()
     ns = argparse.Namespace(engine="megatron", new_tokens=8, overrides=["data.template=chat", "train.precision=bf16",
                             "train.fp32_lm_head=true"])  # fmt: skip
-    cfg = build_config(ns, args.hf_dir)
+    cfg = build_config(ns, hf_dir)
     tok = build_tokenizer(cfg.model.tokenizer)
-    rows = [encode_prompt(tok, q, "chat") for q in gsm8k_questions(args.prompts)]
+    rows = [encode_prompt(tok, q, "chat") for q in gsm8k_questions(prompts)]
     cfg.data.max_prompt_len = max(map(len, rows))
     s = Setup(cfg, "megatron", tok)
     try:
-        rolls = [Rollout(r[: args.split], r[args.split :], [], True) for r in rows]
+        rolls = [Rollout(r[:split], r[split:], [], True) for r in rows]
         batch = build_token_batch(rolls, tok.pad_id, s.policy.seq_multiple)
         lp, _ = s.policy.compute_logprobs(batch, 1.0)
         mask = batch.mask.bool()
@@ -64,15 +64,13 @@ def measure(hf_dir: Path, prompts: int = 6, split: int = 40) -> dict[str, tuple[
     finally:
         s.close()
     dev = "cuda" if cuda else "cpu"
-    ref = hf_logprobs(
-        AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).to(dev).eval(), rows, False
-    )
-    bf = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.bfloat16).to(dev).eval()
-    cut = [r[args.split - 1 :] for r in ref]  # the scored tokens: targets split..end
+    ref = hf_logprobs(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(dev).eval(), rows, False)
+    bf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).to(dev).eval()
+    cut = [r[split - 1 :] for r in ref]  # the scored tokens: targets split..end
     sides = {
         "r1mega trainer bf16, fp32 head": megatron,
-        "transformers bf16, bf16 head": [r[args.split - 1 :] for r in hf_logprobs(bf, rows, False)],
-        "transformers bf16, fp32 head": [r[args.split - 1 :] for r in hf_logprobs(bf, rows, True)],
+        "transformers bf16, bf16 head": [r[split - 1 :] for r in hf_logprobs(bf, rows, False)],
+        "transformers bf16, fp32 head": [r[split - 1 :] for r in hf_logprobs(bf, rows, True)],
     }
 
     def gap(a, b):
@@ -82,7 +80,7 @@ def measure(hf_dir: Path, prompts: int = 6, split: int = 40) -> dict[str, tuple[
     out = {f"{name} vs fp32": gap(v, cut)[:2] for name, v in sides.items()}
     two = "r1mega trainer bf16 vs transformers bf16 (both fp32 heads)"
     out[two] = gap(sides["r1mega trainer bf16, fp32 head"], sides["transformers bf16, fp32 head"])[:2]
-    print(f"{args.hf_dir.name}: {sum(map(len, cut))} teacher-forced tokens on {dev}")
+    print(f"{hf_dir.name}: {sum(map(len, cut))} teacher-forced tokens on {dev}")
     print(f"{'pair':<64}{'mean |dlogp|':>14}{'max':>9}")
     for name, (m, x) in out.items():
         print(f"{name:<64}{m:>14.4f}{x:>9.3f}")

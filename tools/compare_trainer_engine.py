@@ -120,7 +120,7 @@ class Setup:
 def logprob_gap(s: Setup, prompts: list[list[int]], seed: int) -> dict[str, float]:
     """Sampled answers (T = 1) of the candidate, scored by the trainer: the step's alignment metrics."""
     from r1mega.rollout.base import SamplingParams
-    from r1mega.trainer import build_token_batch, rollout_logprob_gap
+    from r1mega.trainer import alignment_metrics, alignment_sums, build_token_batch, rollout_logprob_gap
 
     sp = SamplingParams(1.0, 1.0, 0, s.cfg.rollout.sampling.max_new_tokens, seed=seed)
     s.cand.resume_memory()
@@ -137,11 +137,9 @@ def logprob_gap(s: Setup, prompts: list[list[int]], seed: int) -> dict[str, floa
         batch.routed_experts = routes
         batch.old_logp, _ = s.policy.compute_logprobs(batch, 1.0)
         diff, known = rollout_logprob_gap(rollouts, batch, True)
-        n = float(known.sum())
-        out[f"{tag}logp_diff_mean"] = float(diff.sum()) / max(n, 1.0)
-        out[f"{tag}logp_diff_max"] = float(diff.max()) if n else 0.0
-        out[f"{tag}token_mult_prob_error"] = float((diff.exp() * known).sum()) / max(n, 1.0)
-        out["tokens"] = n
+        m = alignment_metrics(alignment_sums(diff, known), float(diff.max()) if diff.numel() else 0.0)
+        out.update({tag + k.removeprefix("rollout/"): v for k, v in m.items()})  # the trainer's own step metrics
+        out["tokens"] = float(known.sum())
     if s.exact is not None:  # each side's distance from the fp32 forward: the bf16 floor, and who is off
         exact, _ = s.exact.compute_logprobs(batch, 1.0)
         known = batch.mask * torch.isfinite(batch.rollout_logp)

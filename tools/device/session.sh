@@ -22,26 +22,32 @@ E='{"debug_tensor_dump_output_folder": null}'
 
 cmd_of() {  # stage name -> command line (sizes from env: SMOKE=1 makes every stage small)
   local s=${SMOKE:-0} n=64; [ "$s" = 1 ] && n=16
+  local smol="$CTE --hf-dir $SMOLLM2_HF --prompts $n --json $L/$1.json"    # SGLang vs trainer on SmolLM2
+  local tiny="--tokenizer-from $SMOLLM2_HF --prompts $n --json $L/$1.json"  # ... on a tiny random model
+  local head="data.template=chat train.fp32_lm_head=true"
+  local ev="$EVAL model.hf_path=$SMOLLM2_HF train.precision=bf16 train.device=cuda eval.template=chat \
+eval.save_responses=false logging.out_dir=$L/$1"                               # r1mega-eval on SmolLM2
   case $1 in
-    cte_smol) echo "$CTE --hf-dir $SMOLLM2_HF --prompts $n --bench-gen --floor --json $L/cte_smol.json -- data.template=chat train.fp32_lm_head=true" ;;
-    cte_smol_r32) echo "$CTE --hf-dir $SMOLLM2_HF --prompts $n --json $L/cte_smol_r32.json -- data.template=chat train.fp32_lm_head=true +rollout.server_args.triton_attention_reduce_in_fp32=true" ;;
-    cte_smol_det) echo "$CTE --hf-dir $SMOLLM2_HF --prompts $n --json $L/cte_smol_det.json -- data.template=chat train.fp32_lm_head=true rollout.deterministic=true +rollout.server_args.rl_on_policy_target=fsdp" ;;
-    cte_smol_bf16) echo "$CTE --hf-dir $SMOLLM2_HF --prompts $n --json $L/cte_smol_bf16.json -- data.template=chat" ;;
-    cte_qmoe) echo "$CTE --family qwen3_moe --tokenizer-from $SMOLLM2_HF --prompts $n --json $L/cte_qmoe.json -- data.template=chat train.fp32_lm_head=true rollout.routing_replay=true" ;;
-    cte_dsv3) echo "$CTE --family deepseek_v3 --tokenizer-from $SMOLLM2_HF --prompts $n --json $L/cte_dsv3.json -- data.template=chat train.fp32_lm_head=true rollout.routing_replay=true" ;;
-    cte_wide) echo "$CTE --family llama --wide --tokenizer-from $SMOLLM2_HF --prompts 8 --json $L/cte_wide.json -- data.template=chat" ;;
+    cte_smol) echo "$smol --bench-gen --floor -- $head" ;;
+    cte_smol_r32) echo "$smol -- $head +rollout.server_args.triton_attention_reduce_in_fp32=true" ;;
+    cte_smol_det) echo "$smol -- $head rollout.deterministic=true +rollout.server_args.rl_on_policy_target=fsdp" ;;
+    cte_smol_bf16) echo "$smol -- data.template=chat" ;;
+    cte_qmoe) echo "$CTE --family qwen3_moe $tiny -- $head rollout.routing_replay=true" ;;
+    cte_dsv3) echo "$CTE --family deepseek_v3 $tiny -- $head rollout.routing_replay=true" ;;
+    cte_wide) echo "$CTE --family llama --wide --tokenizer-from $SMOLLM2_HF --prompts 8 --json $L/$1.json -- data.template=chat" ;;
     ce_smol) echo "$CE --hf-dir $SMOLLM2_HF --fp32-lm-head --prompts $n --greedy-prompts $n --flattened --json $L/ce_smol.json --engine-kwargs '$E'" ;;
     grpo_sglang)
       local st=20 sft=100; [ "$s" = 1 ] && st=2 sft=10
       echo "$TRAIN +preset=smollm2_gsm8k train.steps=$st sft.steps=$sft train.eval_every=0 data.num_eval=64 train.fp32_lm_head=true train.offload_optimizer_during_rollout=true rollout.max_logp_gap=0.5 algo.tis=token logging.wandb_mode=offline logging.out_dir=$L/grpo_sglang train.save_every=0 train.max_minutes=8" ;;
     eval_gsm8k|eval_math500)
       local lim=0 k=16; [ "$s" = 1 ] && lim=32 k=2
-      echo "$EVAL model.hf_path=$SMOLLM2_HF rollout=sglang train.precision=bf16 train.device=cuda rollout.max_batch_size=1024 eval.sets=[${1#eval_}] eval.k=$k eval.limit=$lim eval.template=chat eval.max_new_tokens=1024 eval.chunk_problems=2000 eval.save_responses=false logging.wandb_mode=offline logging.out_dir=$L/$1" ;;
-    eval_greedy) echo "$EVAL model.hf_path=$SMOLLM2_HF rollout=sglang train.precision=bf16 train.device=cuda eval.sets=[gsm8k] eval.greedy=true eval.template=chat eval.max_new_tokens=1024 eval.save_responses=false logging.wandb_mode=disabled logging.out_dir=$L/eval_greedy" ;;
-    eval_greedy_ln) echo "$EVAL model.hf_path=$SMOLLM2_HF rollout=sglang train.precision=bf16 train.device=cuda eval.sets=[gsm8k] eval.greedy=true eval.template=chat eval.extract=last_number eval.max_new_tokens=1024 eval.save_responses=false logging.wandb_mode=disabled logging.out_dir=$L/eval_greedy_ln" ;;
+      echo "$ev rollout=sglang rollout.max_batch_size=1024 eval.sets=[${1#eval_}] eval.k=$k eval.limit=$lim eval.max_new_tokens=1024 eval.chunk_problems=2000 logging.wandb_mode=offline" ;;
+    eval_greedy|eval_greedy_ln)
+      local x=""; [ $1 = eval_greedy_ln ] && x="eval.extract=last_number"
+      echo "$ev rollout=sglang eval.sets=[gsm8k] eval.greedy=true $x eval.max_new_tokens=1024 logging.wandb_mode=disabled" ;;
     eval_cmp_sglang|eval_cmp_megatron)
       local eng=${1#eval_cmp_} lim=100 bs=1024; [ "$s" = 1 ] && lim=16; [ $eng = megatron ] && bs=512
-      echo "$EVAL model.hf_path=$SMOLLM2_HF rollout=$eng train.precision=bf16 train.device=cuda rollout.max_batch_size=$bs eval.sets=[gsm8k] eval.k=16 eval.limit=$lim eval.template=chat eval.max_new_tokens=512 eval.chunk_problems=2000 eval.save_responses=false logging.wandb_mode=disabled logging.out_dir=$L/$1" ;;
+      echo "$ev rollout=$eng rollout.max_batch_size=$bs eval.sets=[gsm8k] eval.k=16 eval.limit=$lim eval.max_new_tokens=512 eval.chunk_problems=2000 logging.wandb_mode=disabled" ;;
     eval_cmp) echo "python3 tools/compare_eval_engines.py $L/eval_cmp_megatron/eval.json $L/eval_cmp_sglang/eval.json --labels megatron sglang" ;;
     bench_step)
       if [ "$s" = 1 ]; then echo "python3 -u tools/bench_train_step.py --models qwen3,dsv3 --precisions bf16,fp8 --layers 1 --steps 1 --tokens 16384 --no-logprob"
