@@ -84,7 +84,7 @@ def _signal_mid_run(proc: subprocess.Popen, out: Path, sig: int) -> tuple[int, s
     """Send ``sig`` once the first RL step is logged; the run's exit status and stderr (one line)."""
     deadline = time.monotonic() + 300
     while not _train_rows(out) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     os.kill(proc.pid, sig)
     _, err = proc.communicate(timeout=300)
@@ -105,7 +105,7 @@ def test_cli_stop_signal_finishes_the_step_saves_and_exits_128_plus_signum(sig, 
 
 
 def test_cli_sigterm_saves_and_the_rerun_resumes_with_every_step_once(tmp_path):
-    out, steps = tmp_path / "run", 5
+    out, steps = tmp_path / "run", 40  # ~60 ms a step: 5 steps could all finish before the signal landed (CI, 2026-12-02)
     rc, err = _signal_mid_run(_start(_args(out, steps), tmp_path), out, signal.SIGTERM)
     assert rc == 143 and "SIGTERM received" in err, err[-3000:]
     done = len(_train_rows(out))
