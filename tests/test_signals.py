@@ -105,7 +105,7 @@ def test_cli_stop_signal_finishes_the_step_saves_and_exits_128_plus_signum(sig, 
 
 
 def test_cli_sigterm_saves_and_the_rerun_resumes_with_every_step_once(tmp_path):
-    out, steps = tmp_path / "run", 40  # ~60 ms a step: 5 steps could all finish before the signal landed (CI, 2026-12-02)
+    out, steps = tmp_path / "run", 40  # ~60 ms a step: 5 could all end before the signal landed (CI, 2026-12-02)
     rc, err = _signal_mid_run(_start(_args(out, steps), tmp_path), out, signal.SIGTERM)
     assert rc == 143 and "SIGTERM received" in err, err[-3000:]
     done = len(_train_rows(out))
