@@ -162,7 +162,9 @@ class SGLangRolloutConfig(RolloutConfig):
     cuda_graph_max_bs: Optional[int] = None  # largest decode batch run as a CUDA graph (cuda_graph_max_bs_decode);
     # None = SGLang's own choice (256 on the H200), above it a decode step runs eagerly
     chunked_prefill_size: Optional[int] = None  # SGLang's chunked_prefill_size; None = its default, -1 = off
-    deterministic: bool = False  # enable_deterministic_inference: honours the per-request sampling seeds
+    # enable_deterministic_inference: honours the per-request sampling seeds; batch-invariant kernels (the triton
+    # decode attention in fixed 256-token KV splits, log-probs through F.log_softmax)
+    deterministic: bool = False
     bucket_mb: int = 512  # weight push: MiB per update_weights_from_tensor call (one dtype per bucket)
     flattened_bucket: bool = True  # push as FlattenedTensorBucket (load_format="flattened_bucket"), else tensor lists
     # read a sample of the pushed tensors back after the first push, then every N-th (0 = the first only): each read

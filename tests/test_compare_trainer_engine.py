@@ -58,7 +58,7 @@ def test_sglang_path_runs_against_a_fake_sglang(smollm2, tmp_path, monkeypatch):
 
 
 def test_bf16_floor_tool(smollm2, tmp_path):
-    """tools/bf16_floor.py on a tiny random Llama: each of the four pairs is measured, and every bf16 forward is off
+    """tools/bf16_floor.py on a tiny random Llama: each of the five pairs is measured, and every bf16 forward is off
     the fp32 one (and the two bf16 ones off each other) by a small, non-zero amount."""
     import bf16_floor
     from compare_engines import make_tiny_hf
@@ -67,4 +67,4 @@ def test_bf16_floor_tool(smollm2, tmp_path):
     out = bf16_floor.measure(hf, prompts=2, split=30)
     for mean, mx in out.values():
         assert 0.0 < mean <= mx < 1.0
-    assert len(out) == 4
+    assert len(out) == 5

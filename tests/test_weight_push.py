@@ -133,6 +133,23 @@ def test_qwen3_moe_with_dense_layer_is_refused(runtime, fake):
     assert not FakeEngine.instances, "refused before SGLang starts"
 
 
+def test_on_policy_target_mode_with_an_fp32_head_is_refused(runtime, fake):
+    """SGLang's rl_on_policy_target returns log-probs of bf16-rounded logits: with the trainer's fp32 head that is a
+    contradiction, refused before SGLang starts; with bf16 heads on both sides it is the user's experiment."""
+    from r1mega.rollout.sglang_engine import SGLangRolloutEngine
+
+    cfg, tok = small_config(), CharTokenizer()
+    cfg.rollout.server_args = {"rl_on_policy_target": "fsdp"}
+    cfg.train.fp32_lm_head = True
+    with pytest.raises(ValueError, match="rl_on_policy_target with train.fp32_lm_head=true"):
+        SGLangRolloutEngine(cfg, None, tok)
+    assert not FakeEngine.instances
+    cfg.train.fp32_lm_head = False
+    engine = SGLangRolloutEngine(cfg, make_policy(cfg, tok), tok)
+    assert FakeEngine.instances[-1].kwargs["rl_on_policy_target"] == "fsdp"
+    engine.shutdown()
+
+
 def test_knobs_and_routed_experts(runtime, fake):
     from r1mega.rollout.sglang_engine import SGLangRolloutEngine
 

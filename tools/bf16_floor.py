@@ -2,9 +2,10 @@
 
 Teacher-forced log-probs of the same tokens (GSM8K chat prompts, the tail of each prompt scored as a response)
 from four forwards of one HF folder: transformers fp32 (the exact reference), transformers bf16 with its bf16 LM
-head and with an fp32 head, and r1mega's trainer (MegatronEngine, bf16, ``train.fp32_lm_head``). Two bf16
-implementations that round differently cannot agree closer than their distances from fp32 allow: this is the
-floor under issue 10's SGLang-vs-trainer gap (docs/perf/sglang.md). CPU or GPU.
+head and with an fp32 head, and r1mega's trainer (MegatronEngine, bf16, ``train.fp32_lm_head``); plus the exact
+logits scored the way SGLang's ``rl_on_policy_target`` mode returns log-probs (rounded to bf16, bf16 log_softmax).
+Two bf16 implementations that round differently cannot agree closer than their distances from fp32 allow: this
+is the floor under issue 10's SGLang-vs-trainer gap (docs/perf/sglang.md). CPU or GPU.
 
     python tools/bf16_floor.py --hf-dir ~/.cache/r1mega/smollm2-135m-instruct-0.1.2 --prompts 6
 """
@@ -22,7 +23,9 @@ sys.path.insert(0, str(TOOLS.parent))
 sys.path.insert(0, str(TOOLS))
 
 
-def hf_logprobs(model, rows: list[list[int]], fp32_head: bool) -> list[torch.Tensor]:
+def hf_logprobs(model, rows: list[list[int]], fp32_head: bool, bf16_softmax: bool = False) -> list[torch.Tensor]:
+    """Per-token log-probs; ``bf16_softmax``: log_softmax of the logits rounded to bf16, in bf16 (what sglang 0.5.17's
+    sampler returns under ``rl_on_policy_target``, srt/layers/sampler.py, at temperature 1)."""
     out = []
     with torch.no_grad():
         for ids in rows:
@@ -32,7 +35,8 @@ def hf_logprobs(model, rows: list[list[int]], fp32_head: bool) -> list[torch.Ten
                 logits = torch.nn.functional.linear(h.float(), model.lm_head.weight.float())
             else:
                 logits = model(x).logits.float()
-            out.append(torch.log_softmax(logits[0, :-1], -1).gather(-1, x[0, 1:, None])[:, 0].cpu())
+            logits = logits[0, :-1].bfloat16() if bf16_softmax else logits[0, :-1]
+            out.append(torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None])[:, 0].float().cpu())
     return out
 
 
@@ -64,13 +68,15 @@ def measure(hf_dir: Path, prompts: int = 6, split: int = 40) -> dict[str, tuple[
     finally:
         s.close()
     dev = "cuda" if cuda else "cpu"
-    ref = hf_logprobs(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(dev).eval(), rows, False)
+    fp32 = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(dev).eval()
+    ref = hf_logprobs(fp32, rows, False)
     bf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).to(dev).eval()
     cut = [r[split - 1 :] for r in ref]  # the scored tokens: targets split..end
     sides = {
         "r1mega trainer bf16, fp32 head": megatron,
         "transformers bf16, bf16 head": [r[split - 1 :] for r in hf_logprobs(bf, rows, False)],
         "transformers bf16, fp32 head": [r[split - 1 :] for r in hf_logprobs(bf, rows, True)],
+        "fp32 forward, bf16 logits + bf16 log_softmax": [r[split - 1 :] for r in hf_logprobs(fp32, rows, False, True)],
     }
 
     def gap(a, b):

@@ -133,6 +133,15 @@ class SGLangRolloutEngine:
                 "the dense layers' pushed weights without an error (docs/perf/sglang.md). Use "
                 "model.first_k_dense_layers=0 (as Qwen3-30B-A3B) or rollout=megatron"
             )
+        if cfg.train.fp32_lm_head and cfg.rollout.server_args.get("rl_on_policy_target") is not None:
+            # sglang 0.5.17 srt/layers/sampler.py: in that mode the returned log-probs are log_softmax of the logits
+            # rounded to bf16 (an FSDP trainer's own rounding: up to 0.06 nats at |logit| in [16, 32)), which
+            # undoes the fp32 head that the trainer scores with
+            raise ValueError(
+                "rollout.server_args.rl_on_policy_target with train.fp32_lm_head=true: SGLang would compute fp32 "
+                "logits, then return log-probs of those logits rounded to bf16, which the trainer's fp32 head does "
+                "not reproduce. Drop one of them (rollout.deterministic=true gives batch-invariant sampling alone)"
+            )
         self.arch = arch
         self.settings: SGLangRolloutConfig = cfg.rollout  # rollout=sglang (checked by build_rollout_engine)
         self.cfg, self.weights, self.tokenizer = cfg, weights, tokenizer

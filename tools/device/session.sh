@@ -30,7 +30,7 @@ eval.save_responses=false logging.out_dir=$L/$1"                               #
   case $1 in
     cte_smol) echo "$smol --bench-gen --floor -- $head" ;;
     cte_smol_r32) echo "$smol -- $head +rollout.server_args.triton_attention_reduce_in_fp32=true" ;;
-    cte_smol_det) echo "$smol -- $head rollout.deterministic=true +rollout.server_args.rl_on_policy_target=fsdp" ;;
+    cte_smol_det) echo "$smol -- $head rollout.deterministic=true" ;;
     cte_smol_bf16) echo "$smol -- data.template=chat" ;;
     cte_qmoe) echo "$CTE --family qwen3_moe $tiny -- $head rollout.routing_replay=true" ;;
     cte_dsv3) echo "$CTE --family deepseek_v3 $tiny -- $head rollout.routing_replay=true" ;;
