@@ -172,7 +172,7 @@ class SGLangRolloutConfig(RolloutConfig):
     verify_push_every: int = 0
     base_port: int = 30000  # engine ports: base_port + 100 * first GPU of the TP group
     # any other sglang.Engine / ServerArgs field, applied last (SGLang checks the names):
-    #   +rollout.server_args.triton_attention_reduce_in_fp32=true   (the '+' adds a key to this free-form dict)
+    #   +rollout.server_args.triton_attention_num_kv_splits=16   (the '+' adds a key to this free-form dict)
     server_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

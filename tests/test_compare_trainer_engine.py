@@ -50,6 +50,7 @@ def test_sglang_path_runs_against_a_fake_sglang(smollm2, tmp_path, monkeypatch):
     assert s["push"]["push/bytes"] > 0 and s["push"]["push/buckets"] >= 1
     for tag in ("same_weights", "after_push"):
         assert s[tag]["greedy_prompts"] == 2 and s[tag]["tokens"] > 0
+        assert s[tag]["prefill_vs_decode_max"] >= s[tag]["prefill_vs_decode_mean"] > 0  # the fake's made-up values
     b = s["bench_gen"]
     assert b["requests"] == 4 and b["ours_tok_s"] > 0 and b["standalone_tok_s"] > 0
     ours, standalone = FakeEngine.instances[0], FakeEngine.instances[-1]

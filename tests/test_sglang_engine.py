@@ -92,11 +92,16 @@ class FakeEngine:
     def generate(self, input_ids=None, sampling_params=None, return_logprob=False, return_routed_experts=False, **kw):
         assert not self.offloaded, f"generate while {self.offloaded} released"
         assert self.loaded, "generate on dummy weights"
+        starts = kw.pop("logprob_start_len", None)  # per request, as SGLang's Engine.generate takes it
         assert return_logprob and not kw
         assert not return_routed_experts or self.kwargs.get("enable_return_routed_experts"), "server flag missing"
         self.calls.append(("generate", len(input_ids)))
         self.last_request = (input_ids, sampling_params)
         outs = [self.responder(i, ids, sp) for i, (ids, sp) in enumerate(zip(input_ids, sampling_params))]
+        for ids, o, k in zip(input_ids, outs, starts or []):  # as SGLang: from k on, the first value None
+            o["meta_info"]["input_token_logprobs"] = [
+                (None if j == k else -0.01 * j, ids[j], None) for j in range(k, len(ids))
+            ]
         if return_routed_experts:  # int32 [seq_len - 1, num_hidden_layers, topk], base64 (skip_tokenizer_init)
             layers, topk = self.config["num_hidden_layers"], self.config["num_experts_per_tok"]
             for ids, o in zip(input_ids, outs):
@@ -313,6 +318,25 @@ def test_request_and_response_mapping(setup):
     assert [s["sampling_seed"] for s in fake.last_request[1]] == seeds and len(again) == len(prompts)
     engine.generate(prompts, SamplingParams(top_k=1, max_new_tokens=5))  # greedy, no seed
     assert fake.last_request[1][0]["top_k"] == 1 and "sampling_seed" not in fake.last_request[1][0]
+
+
+def test_score_reads_the_prefill_log_probs_of_the_tail(setup):
+    """score(): one prefill request per sequence, logprob_start_len one before the scored tail (SGLang's first value
+    there is None), the tail's values in order; a misaligned reply raises."""
+    cfg, tok, policy, engine, fake = setup
+    engine.resume_memory()
+    seqs, starts = [[1, 2, 3, 4, 5], [6, 7, 8], [9, 10]], [3, 1, 0]
+    got = engine.score(seqs, starts)
+    ids, sps = fake.last_request
+    assert ids == seqs and all(sp == {"temperature": 0.0, "max_new_tokens": 1} for sp in sps)
+    assert got[0] == pytest.approx([-0.03, -0.04]) and got[1] == pytest.approx([-0.01, -0.02])
+    assert math.isnan(got[2][0]) and got[2][1:] == pytest.approx([-0.01])  # position 0 has no log-prob
+    fake.responder = lambda i, ids, sp: {"output_ids": [5], "meta_info": {"finish_reason": {"type": "length"}}}
+    real = fake.generate
+    fake.generate = lambda **kw: [{"meta_info": {"input_token_logprobs": [(-1.0, 99, None)]}}]
+    with pytest.raises(RuntimeError, match="not aligned"):
+        engine.score([[1, 2]], [1])
+    fake.generate = real
 
 
 def test_bad_responses_raise(setup):

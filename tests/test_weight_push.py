@@ -155,14 +155,14 @@ def test_knobs_and_routed_experts(runtime, fake):
 
     cfg, tok = small_config(), CharTokenizer()
     cfg.rollout.routing_replay, cfg.rollout.chunked_prefill_size = True, 4096
-    cfg.rollout.server_args = {"triton_attention_reduce_in_fp32": True, "mem_fraction_static": 0.25}  # win, last
+    cfg.rollout.server_args = {"triton_attention_num_kv_splits": 16, "mem_fraction_static": 0.25}  # win, last
     policy = make_policy(cfg, tok)
     engine = SGLangRolloutEngine(cfg, policy, tok)
     kw = FakeEngine.instances[-1].kwargs
     assert kw["disable_cuda_graph"] is False and kw["attention_backend"] == "triton"  # CUDA graphs on by default
     assert kw["disable_prefill_cuda_graph"] is True  # but not the start-up capture of ~58 prefill graphs
     assert "cuda_graph_max_bs_decode" not in kw  # SGLang's own choice unless rollout.cuda_graph_max_bs is set
-    assert kw["triton_attention_reduce_in_fp32"] is True and kw["mem_fraction_static"] == 0.25
+    assert kw["triton_attention_num_kv_splits"] == 16 and kw["mem_fraction_static"] == 0.25
     assert kw["chunked_prefill_size"] == 4096 and kw["enable_return_routed_experts"] is True
     engine.resume_memory()
     prompts = [[1, 2, 3], [4, 5]]

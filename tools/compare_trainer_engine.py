@@ -9,6 +9,8 @@ in-process megatron rollout engine on the same model -- and on the same prompts 
   trainer's ``rollout/logp_diff_mean|max`` and NeMo-RL's ``token_mult_prob_error`` (the token mean of
   exp |dlogp|), computed by the trainer's own functions; for MoE with ``rollout.routing_replay=true`` also
   with the experts SGLang chose replayed in the trainer's forward (R3), beside the gap without;
+* the same answers rescored by SGLang's prefill (extend) kernels: against the trainer, and against SGLang's own
+  decode-time log-probs (how much of the gap the token-by-token decode path adds);
 * greedy answers (``--new-tokens``) of SGLang and of the megatron engine: how many are equal;
 * the weight push: bytes, seconds, GB/s and the gather / convert / ipc_load / verify split;
 
@@ -120,7 +122,13 @@ class Setup:
 def logprob_gap(s: Setup, prompts: list[list[int]], seed: int) -> dict[str, float]:
     """Sampled answers (T = 1) of the candidate, scored by the trainer: the step's alignment metrics."""
     from r1mega.rollout.base import SamplingParams
-    from r1mega.trainer import alignment_metrics, alignment_sums, build_token_batch, rollout_logprob_gap
+    from r1mega.trainer import (
+        alignment_metrics,
+        alignment_sums,
+        build_token_batch,
+        rollout_logprob_gap,
+        scatter_response,
+    )
 
     sp = SamplingParams(1.0, 1.0, 0, s.cfg.rollout.sampling.max_new_tokens, seed=seed)
     s.cand.resume_memory()
@@ -140,6 +148,19 @@ def logprob_gap(s: Setup, prompts: list[list[int]], seed: int) -> dict[str, floa
         m = alignment_metrics(alignment_sums(diff, known), float(diff.max()) if diff.numel() else 0.0)
         out.update({tag + k.removeprefix("rollout/"): v for k, v in m.items()})  # the trainer's own step metrics
         out["tokens"] = float(known.sum())
+    if hasattr(s.cand, "score"):  # SGLang's prefill kernels on the same tokens: the decode path's share of the gap
+        s.cand.resume_memory()
+        pre = s.cand.score([r.prompt_ids + r.response_ids for r in rollouts], [len(r.prompt_ids) for r in rollouts])
+        s.cand.release_memory()
+        pre_lp = scatter_response(pre, rollouts, batch.mask)
+        known = batch.mask * torch.isfinite(pre_lp) * torch.isfinite(batch.rollout_logp)
+        n = max(float(known.sum()), 1.0)
+        for tag, ref in (
+            ("prefill_vs_trainer", batch.old_logp.float().cpu()),
+            ("prefill_vs_decode", batch.rollout_logp),
+        ):
+            d = (pre_lp - ref).abs().nan_to_num(0.0) * known
+            out[f"{tag}_mean"], out[f"{tag}_max"] = float(d.sum()) / n, float(d.max())
     if s.exact is not None:  # each side's distance from the fp32 forward: the bf16 floor, and who is off
         exact, _ = s.exact.compute_logprobs(batch, 1.0)
         known = batch.mask * torch.isfinite(batch.rollout_logp)
@@ -288,6 +309,10 @@ def print_table(summary: dict) -> None:
         r = summary.get(tag)
         if r:
             r3 = f"{r['r3_logp_diff_mean']:.4f}" if "r3_logp_diff_mean" in r else "-"
+            if "prefill_vs_trainer_mean" in r:
+                pt, pd = r["prefill_vs_trainer_mean"], r["prefill_vs_decode_mean"]
+                print(f"  [{tag}] the engine's prefill log-probs of the same tokens: vs trainer {pt:.4f}, "
+                      f"vs its own decode {pd:.4f}")  # fmt: skip
             if "fp32_gap_engine_mean" in r:
                 print(f"  [{tag}] from the fp32 forward: engine {r['fp32_gap_engine_mean']:.4f}, "
                       f"trainer {r['fp32_gap_trainer_mean']:.4f} (mean |dlogp|)")  # fmt: skip

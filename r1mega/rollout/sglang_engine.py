@@ -75,7 +75,7 @@ from megatron.core import parallel_state
 from r1mega.config import Config, SGLangRolloutConfig
 from r1mega.model.hf_export import hf_architecture, hf_config_from_model_config
 from r1mega.rollout.base import Rollout, SamplingParams, WeightSource
-from r1mega.rollout.sglang_io import request_seed, sampling_dict, to_rollout
+from r1mega.rollout.sglang_io import request_seed, sampling_dict, scored_logprobs, to_rollout
 from r1mega.rollout.weight_push import PushStats, flattened_payloads, plan_buckets, timed
 
 log = logging.getLogger(__name__)
@@ -361,6 +361,32 @@ class SGLangRolloutEngine:
             out = [to_rollout(p, r, eos, self._routing) for p, r in zip(prompts, results)]
         elif self.is_owner:
             out = []
+        return self._share(out)
+
+    def score(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
+        """Teacher-forced log p(t_k | t_<k) for k >= ``starts[i]`` of each sequence, through SGLang's prefill
+        (extend) kernels instead of the decode path that produced a rollout's log-probs: what the decode path adds
+        to the engine/trainer gap (tools/compare_trainer_engine.py). Collective over the TP group, as generate."""
+        if not self._weights_synced:
+            self.update_weights(self.weights)
+        self.resume_memory()
+        out: Optional[list[list[float]]] = None
+        if self._engine is not None and sequences:
+            # SGLang returns the tokens from logprob_start_len on, the first one's value None (no logits before it),
+            # and keeps no cached prefix past logprob_start_len: everything scored is recomputed here
+            results = self._engine.generate(
+                input_ids=[list(map(int, q)) for q in sequences],
+                sampling_params=[{"temperature": 0.0, "max_new_tokens": 1} for _ in sequences],
+                return_logprob=True,
+                logprob_start_len=[max(k - 1, 0) for k in starts],
+            )
+            out = [scored_logprobs(r, q[k:]) for q, k, r in zip(sequences, starts, results)]
+        elif self.is_owner:
+            out = []
+        return self._share(out)
+
+    def _share(self, out: Any) -> Any:
+        """The owner's result on every rank of the TP group (only the owner drives SGLang)."""
         if self._tp_size > 1:
             box = [out]
             dist.broadcast_object_list(box, src=self._owner_rank, group=self._tp_group)

@@ -40,6 +40,16 @@ def decode_routed_experts(value: Any, num_layers: int, topk: int) -> torch.Tenso
     return t.reshape(-1, num_layers, topk).long()
 
 
+def scored_logprobs(out: dict[str, Any], tokens: list[int]) -> list[float]:
+    """The log-probs of ``tokens``, the tail of a scored sequence, from SGLang's ``input_token_logprobs`` (entries
+    (value, token id, text) from logprob_start_len on; the first value None: no logits before it)."""
+    entries = (out.get("meta_info") or {}).get("input_token_logprobs") or []
+    entries = entries[len(entries) - len(tokens) :] if tokens else []
+    if len(entries) != len(tokens) or [int(e[1]) for e in entries] != [int(t) for t in tokens]:
+        raise RuntimeError(f"SGLang's input_token_logprobs are not aligned with the {len(tokens)} scored tokens")
+    return [math.nan if e[0] is None else float(e[0]) for e in entries]
+
+
 def to_rollout(
     prompt: list[int], out: dict[str, Any], eos_id: int, routing: Optional[tuple[int, int]] = None
 ) -> Rollout:

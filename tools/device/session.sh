@@ -29,7 +29,6 @@ cmd_of() {  # stage name -> command line (sizes from env: SMOKE=1 makes every st
 eval.save_responses=false logging.out_dir=$L/$1"                               # r1mega-eval on SmolLM2
   case $1 in
     cte_smol) echo "$smol --bench-gen --floor -- $head" ;;
-    cte_smol_r32) echo "$smol -- $head +rollout.server_args.triton_attention_reduce_in_fp32=true" ;;
     cte_smol_det) echo "$smol -- $head rollout.deterministic=true" ;;
     cte_smol_bf16) echo "$smol -- data.template=chat" ;;
     cte_qmoe) echo "$CTE --family qwen3_moe $tiny -- $head rollout.routing_replay=true" ;;
@@ -39,9 +38,9 @@ eval.save_responses=false logging.out_dir=$L/$1"                               #
     grpo_sglang)
       local st=20 sft=100; [ "$s" = 1 ] && st=2 sft=10
       echo "$TRAIN +preset=smollm2_gsm8k train.steps=$st sft.steps=$sft train.eval_every=0 data.num_eval=64 train.fp32_lm_head=true train.offload_optimizer_during_rollout=true rollout.max_logp_gap=0.5 algo.tis=token logging.wandb_mode=offline logging.out_dir=$L/grpo_sglang train.save_every=0 train.max_minutes=8" ;;
-    eval_gsm8k|eval_math500)
-      local lim=0 k=16; [ "$s" = 1 ] && lim=32 k=2
-      echo "$ev rollout=sglang rollout.max_batch_size=1024 eval.sets=[${1#eval_}] eval.k=$k eval.limit=$lim eval.max_new_tokens=1024 eval.chunk_problems=2000 logging.wandb_mode=offline" ;;
+    eval_gsm8k|eval_math500|eval_k16)  # eval_k16: both sets through one SGLang start
+      local lim=0 k=16 sets=${1#eval_}; [ "$s" = 1 ] && lim=32 k=2; [ $1 = eval_k16 ] && sets=gsm8k,math500
+      echo "$ev rollout=sglang rollout.max_batch_size=1024 eval.sets=[$sets] eval.k=$k eval.limit=$lim eval.max_new_tokens=1024 eval.chunk_problems=2000 logging.wandb_mode=offline" ;;
     eval_greedy|eval_greedy_ln)
       local x=""; [ $1 = eval_greedy_ln ] && x="eval.extract=last_number"
       echo "$ev rollout=sglang eval.sets=[gsm8k] eval.greedy=true $x eval.max_new_tokens=1024 logging.wandb_mode=disabled" ;;
