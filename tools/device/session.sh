@@ -38,15 +38,16 @@ eval.save_responses=false logging.out_dir=$L/$1"                               #
     grpo_sglang)
       local st=20 sft=100; [ "$s" = 1 ] && st=2 sft=10
       echo "$TRAIN +preset=smollm2_gsm8k train.steps=$st sft.steps=$sft train.eval_every=0 data.num_eval=64 train.fp32_lm_head=true train.offload_optimizer_during_rollout=true rollout.max_logp_gap=0.5 algo.tis=token logging.wandb_mode=offline logging.out_dir=$L/grpo_sglang train.save_every=0 train.max_minutes=8" ;;
-    eval_gsm8k|eval_math500|eval_k16)  # eval_k16: both sets through one SGLang start
-      local lim=0 k=16 sets=${1#eval_}; [ "$s" = 1 ] && lim=32 k=2; [ $1 = eval_k16 ] && sets=gsm8k,math500
-      echo "$ev rollout=sglang rollout.max_batch_size=1024 eval.sets=[$sets] eval.k=$k eval.limit=$lim eval.max_new_tokens=1024 eval.chunk_problems=2000 logging.wandb_mode=offline" ;;
+    eval_gsm8k|eval_math500)  # one set a stage: the JSON is written at the end, a killed stage leaves nothing
+      local lim=0 k=16; [ "$s" = 1 ] && lim=32 k=2
+      echo "$ev rollout=sglang rollout.max_batch_size=1024 rollout.cuda_graph_max_bs=1024 eval.sets=[${1#eval_}] eval.k=$k eval.limit=$lim eval.max_new_tokens=1024 eval.chunk_problems=2000 logging.wandb_mode=offline" ;;
     eval_greedy|eval_greedy_ln)
       local x=""; [ $1 = eval_greedy_ln ] && x="eval.extract=last_number"
       echo "$ev rollout=sglang eval.sets=[gsm8k] eval.greedy=true $x eval.max_new_tokens=1024 logging.wandb_mode=disabled" ;;
     eval_cmp_sglang|eval_cmp_megatron)
-      local eng=${1#eval_cmp_} lim=100 bs=1024; [ "$s" = 1 ] && lim=16; [ $eng = megatron ] && bs=512
-      echo "$ev rollout=$eng rollout.max_batch_size=$bs eval.sets=[gsm8k] eval.k=16 eval.limit=$lim eval.max_new_tokens=512 eval.chunk_problems=2000 logging.wandb_mode=disabled" ;;
+      local eng=${1#eval_cmp_} lim=100 bs=1024 g=""; [ "$s" = 1 ] && lim=16; [ $eng = megatron ] && bs=512
+      [ $eng = sglang ] && g="rollout.cuda_graph_max_bs=1024"  # decode graphs up to the batch (SGLang's own cap: 256)
+      echo "$ev rollout=$eng rollout.max_batch_size=$bs $g eval.sets=[gsm8k] eval.k=16 eval.limit=$lim eval.max_new_tokens=512 eval.chunk_problems=2000 logging.wandb_mode=disabled" ;;
     eval_cmp) echo "python3 tools/compare_eval_engines.py $L/eval_cmp_megatron/eval.json $L/eval_cmp_sglang/eval.json --labels megatron sglang" ;;
     bench_step)
       if [ "$s" = 1 ]; then echo "python3 -u tools/bench_train_step.py --models qwen3,dsv3 --precisions bf16,fp8 --layers 1 --steps 1 --tokens 16384 --no-logprob"
