@@ -138,6 +138,10 @@ def test_cli_table_json_and_numbers_recomputed_from_the_json(sft_model, tmp_path
         assert summary["cons@4"] == pytest.approx(sum(cons) / len(problems))
         total_correct += sum(map(sum, flags_all))
     assert total_correct > 0
+    progress = json.loads((out / "eval_progress.json").read_text())  # chunk by chunk; its last state = the summary
+    assert progress["chunks_done"] == progress["chunks"] == 3  # 48 problems in chunks of 16
+    for name in ("heldout", "mine"):
+        assert progress["sets"][name]["pass@1"] == pytest.approx(data["summary"][name]["pass@1"])
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["eval/heldout/pass@1"] == pytest.approx(data["summary"]["heldout"]["pass@1"])
 

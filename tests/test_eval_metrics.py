@@ -197,3 +197,32 @@ def test_evaluate_scores_the_answer_the_rule_extracts(rule, correct, answered):
     assert [int(s.correct) for s in samples] == correct
     assert [int(s.answer is not None) for s in samples] == answered
     assert [int(s.format) for s in samples] == [0, 1, 0]  # the format reward is R1's under either rule
+
+
+def test_progress_file_tracks_the_chunks_and_ends_at_the_summary(tmp_path):
+    """evaluate(progress_path=...): rewritten after every chunk; its last state has every sample of every set and
+    the same pass@1 / format rate as the final summary (what a run stopped by a time limit leaves behind)."""
+    import json
+
+    from r1mega.config import RewardConfig
+    from r1mega.data.tasks import Problem
+    from r1mega.data.tokenizer import CharTokenizer
+    from r1mega.eval.runner import EvalSettings, evaluate
+    from r1mega.rewards import RewardScorer
+
+    tok = CharTokenizer()
+    ok, bad = "<think>x</think><answer>{}</answer>", "no idea"
+    texts = [ok.format(72), bad, ok.format(5), ok.format(4)]
+    sets = {"a": [Problem("12*7", "72"), Problem("6*7", "42")], "b": [Problem("1+4", "5"), Problem("2+2", "3")]}
+    settings = EvalSettings(greedy=True, template="compact", max_new_tokens=64, progress=False, chunk_problems=3)
+    path = tmp_path / "eval_progress.json"
+    with RewardScorer(RewardConfig(num_workers=1)) as scorer:
+        res = evaluate(_ScriptedEngine(tok, texts), tok, scorer, sets, settings, progress_path=path)
+    got = json.loads(path.read_text())
+    assert (got["chunks_done"], got["chunks"]) == (2, 2) and not path.with_suffix(".tmp").exists()
+    assert got["sets"] == {
+        "a": {"samples": 2, "pass@1": 0.5, "format_rate": 0.5},
+        "b": {"samples": 2, "pass@1": 0.5, "format_rate": 1.0},
+    }
+    for name in sets:
+        assert got["sets"][name]["pass@1"] == pytest.approx(res.sets[name].metrics["pass@1"])

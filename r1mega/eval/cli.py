@@ -10,7 +10,8 @@
 tokenizer with its chat template and end-of-turn token (the engines stop on ``tokenizer.eos_id``).
 
 r1mega/conf/eval.yaml is the primary config: r1mega/conf/config.yaml (the training defaults) + R1's protocol (eval.*).
-Prints the table, writes ``eval.output`` (default ``<logging.out_dir>/eval.json``) with every per-problem result,
+Prints the table, writes ``eval.output`` (default ``<logging.out_dir>/eval.json``) with every per-problem result
+(and, chunk by chunk while it runs, the running per-set numbers to ``eval_progress.json`` beside it),
 and logs the summary through :class:`r1mega.tracking.Tracker` (wandb + metrics.jsonl).
 """
 
@@ -116,9 +117,10 @@ def run(cfg):
     meta["config"] = container
     try:
         with RewardScorer(cfg.reward) as scorer:
-            results = evaluate(engine, tokenizer, scorer, sets, settings, meta)
-        if runtime.is_main:
             out = cfg.eval.output or str(Path(cfg.logging.out_dir) / "eval.json")
+            progress = Path(out).with_name(Path(out).stem + "_progress.json")  # running numbers, chunk by chunk
+            results = evaluate(engine, tokenizer, scorer, sets, settings, meta, progress_path=progress)
+        if runtime.is_main:
             report(results, out, tracker, step=0, console=console)
     finally:
         tracker.finish()

@@ -15,10 +15,13 @@ and for evaluation during training (the trainer passes its own engine, tokenizer
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from r1mega.data.tasks import Problem
 from r1mega.eval.metrics import cons_at_k
@@ -128,6 +131,26 @@ def equivalence_table(scorer, answer_lists: list[list[str | None]]) -> dict[tupl
     return {key: acc > 0 for key, acc in zip(keys, batch.accuracy)}
 
 
+def write_progress(
+    path: str | Path, names: list[str], accuracy: list[float], fmt: list[float], chunks: int, of: int, wall_s: float
+) -> None:
+    """The running per-set means of the samples scored so far (one name per sample), written atomically."""
+    sets: dict[str, dict[str, float]] = {}
+    for name, acc, f in zip(names, accuracy, fmt):
+        d = sets.setdefault(name, {"samples": 0, "pass@1": 0.0, "format_rate": 0.0})
+        d["samples"] += 1
+        d["pass@1"] += float(acc > 0)
+        d["format_rate"] += float(f > 0)
+    for d in sets.values():
+        d["pass@1"] /= d["samples"]
+        d["format_rate"] /= d["samples"]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"chunks_done": chunks, "chunks": of, "wall_s": wall_s, "sets": sets}, indent=1))
+    os.replace(tmp, path)
+
+
 def evaluate(
     engine,
     tokenizer,
@@ -135,11 +158,14 @@ def evaluate(
     problems_by_set: dict[str, list[Problem]],
     settings: EvalSettings,
     meta: dict | None = None,
+    progress_path: str | Path | None = None,
 ) -> EvalResults:
     """Evaluate every set; returns the full per-problem results with each set's summary (on every rank).
 
     ``engine`` is a :class:`r1mega.rollout.base.RolloutEngine` holding the weights to evaluate; its memory is
     resumed for the evaluation and released afterwards (as the trainer does around generation).
+    ``progress_path``: after every chunk, data-parallel rank 0 rewrites this JSON with the running per-set
+    pass@1 / format rate of its problems so far, so a run stopped by a time limit still leaves its numbers.
     """
     from tqdm import tqdm
 
@@ -183,6 +209,9 @@ def evaluate(
             accuracy += chunk_accuracy
             fmt += rewards.format
             done = sum(accuracy) / max(len(accuracy), 1)
+            if progress_path is not None and dp_rank == 0:
+                names = [name for name, _, _ in mine[:hi] for _ in range(n)]
+                write_progress(progress_path, names, accuracy, fmt, c + 1, num_chunks, time.perf_counter() - t0)
             bar.update(min(max(hi - lo, 0) * dp_size, len(items) - bar.n))  # rank 0's pace stands for all
             bar.set_postfix(pass1=f"{done:.3f}")
     finally:

@@ -40,7 +40,7 @@ eval.save_responses=false logging.out_dir=$L/$1"                               #
       echo "$TRAIN +preset=smollm2_gsm8k train.steps=$st sft.steps=$sft train.eval_every=0 data.num_eval=64 train.fp32_lm_head=true train.offload_optimizer_during_rollout=true rollout.max_logp_gap=0.5 algo.tis=token logging.wandb_mode=offline logging.out_dir=$L/grpo_sglang train.save_every=0 train.max_minutes=8" ;;
     eval_gsm8k|eval_math500)  # one set a stage: the JSON is written at the end, a killed stage leaves nothing
       local lim=0 k=16; [ "$s" = 1 ] && lim=32 k=2
-      echo "$ev rollout=sglang rollout.max_batch_size=1024 rollout.cuda_graph_max_bs=1024 eval.sets=[${1#eval_}] eval.k=$k eval.limit=$lim eval.max_new_tokens=1024 eval.chunk_problems=2000 logging.wandb_mode=offline" ;;
+      echo "$ev rollout=sglang rollout.max_batch_size=1024 rollout.cuda_graph_max_bs=1024 eval.sets=[${1#eval_}] eval.k=$k eval.limit=$lim eval.max_new_tokens=1024 eval.chunk_problems=256 logging.wandb_mode=offline" ;;  # eval_progress.json per chunk
     eval_greedy|eval_greedy_ln)
       local x=""; [ $1 = eval_greedy_ln ] && x="eval.extract=last_number"
       echo "$ev rollout=sglang eval.sets=[gsm8k] eval.greedy=true $x eval.max_new_tokens=1024 logging.wandb_mode=disabled" ;;
