@@ -219,7 +219,7 @@ def test_progress_file_tracks_the_chunks_and_ends_at_the_summary(tmp_path):
     with RewardScorer(RewardConfig(num_workers=1)) as scorer:
         res = evaluate(_ScriptedEngine(tok, texts), tok, scorer, sets, settings, progress_path=path)
     got = json.loads(path.read_text())
-    assert (got["chunks_done"], got["chunks"]) == (2, 2) and not path.with_suffix(".tmp").exists()
+    assert (got["chunks_done"], got["chunks"]) == (2, 2) and not path.with_name(path.name + ".tmp").exists()
     assert got["sets"] == {
         "a": {"samples": 2, "pass@1": 0.5, "format_rate": 0.5},
         "b": {"samples": 2, "pass@1": 0.5, "format_rate": 1.0},

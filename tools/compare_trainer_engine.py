@@ -119,6 +119,12 @@ class Setup:
         shutdown_runtime()
 
 
+def masked_gap(a: torch.Tensor, b: torch.Tensor, known: torch.Tensor) -> tuple[float, float]:
+    """Mean and max |a - b| over the ``known`` tokens (on the CPU, in fp32)."""
+    d = (a.float().cpu() - b.float().cpu()).abs().nan_to_num(0.0) * known
+    return float(d.sum()) / max(float(known.sum()), 1.0), float(d.max())
+
+
 def logprob_gap(s: Setup, prompts: list[list[int]], seed: int) -> dict[str, float]:
     """Sampled answers (T = 1) of the candidate, scored by the trainer: the step's alignment metrics."""
     from r1mega.rollout.base import SamplingParams
@@ -154,20 +160,13 @@ def logprob_gap(s: Setup, prompts: list[list[int]], seed: int) -> dict[str, floa
         s.cand.release_memory()
         pre_lp = scatter_response(pre, rollouts, batch.mask)
         known = batch.mask * torch.isfinite(pre_lp) * torch.isfinite(batch.rollout_logp)
-        n = max(float(known.sum()), 1.0)
-        for tag, ref in (
-            ("prefill_vs_trainer", batch.old_logp.float().cpu()),
-            ("prefill_vs_decode", batch.rollout_logp),
-        ):
-            d = (pre_lp - ref).abs().nan_to_num(0.0) * known
-            out[f"{tag}_mean"], out[f"{tag}_max"] = float(d.sum()) / n, float(d.max())
+        for tag, ref in (("prefill_vs_trainer", batch.old_logp), ("prefill_vs_decode", batch.rollout_logp)):
+            out[f"{tag}_mean"], out[f"{tag}_max"] = masked_gap(pre_lp, ref, known)
     if s.exact is not None:  # each side's distance from the fp32 forward: the bf16 floor, and who is off
         exact, _ = s.exact.compute_logprobs(batch, 1.0)
         known = batch.mask * torch.isfinite(batch.rollout_logp)
-        n = max(float(known.sum()), 1.0)
         for tag, lp in (("engine", batch.rollout_logp), ("trainer", batch.old_logp)):
-            d = (lp.float().cpu() - exact.float().cpu()).abs().nan_to_num(0.0) * known
-            out[f"fp32_gap_{tag}_mean"], out[f"fp32_gap_{tag}_max"] = float(d.sum()) / n, float(d.max())
+            out[f"fp32_gap_{tag}_mean"], out[f"fp32_gap_{tag}_max"] = masked_gap(lp, exact, known)
     return out
 
 

@@ -150,14 +150,18 @@ def from_dict(d: dict[str, Any]) -> EvalResults:
     return EvalResults(d["settings"], sets, d["wall_s"], d["generation_s"], d["generated_tokens"], d.get("meta", {}))
 
 
-def save_results(results: EvalResults, path: str | Path) -> Path:
-    """Write the JSON atomically (a reader never sees half a file)."""
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` as JSON atomically (a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(to_dict(results), indent=1, ensure_ascii=False))
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
     tmp.replace(path)
     return path
+
+
+def save_results(results: EvalResults, path: str | Path) -> Path:
+    return write_json(to_dict(results), path)
 
 
 def load_results(path: str | Path) -> EvalResults:

@@ -15,9 +15,7 @@ and for evaluation during training (the trainer passes its own engine, tokenizer
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +23,7 @@ from pathlib import Path
 
 from r1mega.data.tasks import Problem
 from r1mega.eval.metrics import cons_at_k
-from r1mega.eval.results import EvalResults, ProblemResult, SampleResult, SetResult, summarize
+from r1mega.eval.results import EvalResults, ProblemResult, SampleResult, SetResult, summarize, write_json
 from r1mega.eval.templates import encode_prompts
 from r1mega.rewards import extract_answer
 from r1mega.rollout.base import Rollout, SamplingParams
@@ -144,11 +142,7 @@ def write_progress(
     for d in sets.values():
         d["pass@1"] /= d["samples"]
         d["format_rate"] /= d["samples"]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"chunks_done": chunks, "chunks": of, "wall_s": wall_s, "sets": sets}, indent=1))
-    os.replace(tmp, path)
+    write_json({"chunks_done": chunks, "chunks": of, "wall_s": wall_s, "sets": sets}, path)
 
 
 def evaluate(

@@ -134,9 +134,7 @@ class SGLangRolloutEngine:
                 "model.first_k_dense_layers=0 (as Qwen3-30B-A3B) or rollout=megatron"
             )
         if cfg.train.fp32_lm_head and cfg.rollout.server_args.get("rl_on_policy_target") is not None:
-            # sglang 0.5.17 srt/layers/sampler.py: in that mode the returned log-probs are log_softmax of the logits
-            # rounded to bf16 (an FSDP trainer's own rounding: up to 0.06 nats at |logit| in [16, 32)), which
-            # undoes the fp32 head that the trainer scores with
+            # sglang 0.5.17 srt/layers/sampler.py; 0.018 nats from exact on SmolLM2 (docs/perf/sglang.md)
             raise ValueError(
                 "rollout.server_args.rl_on_policy_target with train.fp32_lm_head=true: SGLang would compute fp32 "
                 "logits, then return log-probs of those logits rounded to bf16, which the trainer's fp32 head does "
