@@ -141,7 +141,9 @@ def test_cli_table_json_and_numbers_recomputed_from_the_json(sft_model, tmp_path
     progress = json.loads((out / "eval_progress.json").read_text())  # chunk by chunk; its last state = the summary
     assert progress["chunks_done"] == progress["chunks"] == 3  # 48 problems in chunks of 16
     for name in ("heldout", "mine"):
-        assert progress["sets"][name]["pass@1"] == pytest.approx(data["summary"][name]["pass@1"])
+        for key in ("pass@1", "format_rate", "answer_rate", "length_mean", "truncated_frac"):
+            assert progress["sets"][name][key] == pytest.approx(data["summary"][name][key]), (name, key)
+    assert progress["generated_tokens"] == data["generated_tokens"]
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["eval/heldout/pass@1"] == pytest.approx(data["summary"]["heldout"]["pass@1"])
 

@@ -220,9 +220,18 @@ def test_progress_file_tracks_the_chunks_and_ends_at_the_summary(tmp_path):
         res = evaluate(_ScriptedEngine(tok, texts), tok, scorer, sets, settings, progress_path=path)
     got = json.loads(path.read_text())
     assert (got["chunks_done"], got["chunks"]) == (2, 2) and not path.with_name(path.name + ".tmp").exists()
-    assert got["sets"] == {
-        "a": {"samples": 2, "pass@1": 0.5, "format_rate": 0.5},
-        "b": {"samples": 2, "pass@1": 0.5, "format_rate": 1.0},
+    rates = {
+        name: {k: v for k, v in d.items() if k in ("samples", "pass@1", "format_rate", "answer_rate")}
+        for name, d in got["sets"].items()
     }
+    assert rates == {
+        "a": {"samples": 2, "pass@1": 0.5, "format_rate": 0.5, "answer_rate": 0.5},
+        "b": {"samples": 2, "pass@1": 0.5, "format_rate": 1.0, "answer_rate": 1.0},
+    }
+    lengths = [len(tok.encode(t)) + 1 for t in texts]  # the scripted engine: each text whole, then eos
+    assert got["sets"]["a"]["length_mean"] == pytest.approx(sum(lengths[:2]) / 2)
+    assert got["sets"]["b"]["truncated_frac"] == 0.0
+    assert got["generated_tokens"] == res.generated_tokens == sum(lengths)
+    assert got["gen_tokens_per_s"] == pytest.approx(got["generated_tokens"] / got["generation_s"])
     for name in sets:
         assert got["sets"][name]["pass@1"] == pytest.approx(res.sets[name].metrics["pass@1"])

@@ -129,20 +129,50 @@ def equivalence_table(scorer, answer_lists: list[list[str | None]]) -> dict[tupl
     return {key: acc > 0 for key, acc in zip(keys, batch.accuracy)}
 
 
+_PROGRESS_STATS = ("pass@1", "format_rate", "answer_rate", "length_mean", "truncated_frac")
+
+
 def write_progress(
-    path: str | Path, names: list[str], accuracy: list[float], fmt: list[float], chunks: int, of: int, wall_s: float
+    path: str | Path,
+    names: list[str],
+    accuracy: list[float],
+    fmt: list[float],
+    answers: list[str | None],
+    rollouts: list[Rollout],
+    *,
+    chunks: int,
+    of: int,
+    wall_s: float,
+    gen_s: float,
 ) -> None:
-    """The running per-set means of the samples scored so far (one name per sample), written atomically."""
+    """The running per-set means of the samples scored so far (one name per sample), written atomically, with the
+    generation throughput: what a run stopped by a time limit leaves behind is enough for the report's row."""
     sets: dict[str, dict[str, float]] = {}
-    for name, acc, f in zip(names, accuracy, fmt):
-        d = sets.setdefault(name, {"samples": 0, "pass@1": 0.0, "format_rate": 0.0})
+    for name, acc, f, a, r in zip(names, accuracy, fmt, answers, rollouts):
+        d = sets.setdefault(name, dict.fromkeys(("samples", *_PROGRESS_STATS), 0.0))
         d["samples"] += 1
         d["pass@1"] += float(acc > 0)
         d["format_rate"] += float(f > 0)
+        d["answer_rate"] += float(a is not None)  # as results.summarize counts it
+        d["length_mean"] += len(r.response_ids)
+        d["truncated_frac"] += float(not r.finished)
     for d in sets.values():
-        d["pass@1"] /= d["samples"]
-        d["format_rate"] /= d["samples"]
-    write_json({"chunks_done": chunks, "chunks": of, "wall_s": wall_s, "sets": sets}, path)
+        d["samples"] = int(d["samples"])
+        for k in _PROGRESS_STATS:
+            d[k] /= d["samples"]
+    tokens = sum(len(r.response_ids) for r in rollouts)
+    write_json(
+        {
+            "chunks_done": chunks,
+            "chunks": of,
+            "wall_s": wall_s,
+            "generation_s": gen_s,
+            "generated_tokens": tokens,
+            "gen_tokens_per_s": tokens / gen_s if gen_s > 0 else 0.0,
+            "sets": sets,
+        },
+        path,
+    )
 
 
 def evaluate(
@@ -205,7 +235,18 @@ def evaluate(
             done = sum(accuracy) / max(len(accuracy), 1)
             if progress_path is not None and dp_rank == 0:
                 names = [name for name, _, _ in mine[:hi] for _ in range(n)]
-                write_progress(progress_path, names, accuracy, fmt, c + 1, num_chunks, time.perf_counter() - t0)
+                write_progress(
+                    progress_path,
+                    names,
+                    accuracy,
+                    fmt,
+                    answers,
+                    rollouts,
+                    chunks=c + 1,
+                    of=num_chunks,
+                    wall_s=time.perf_counter() - t0,
+                    gen_s=gen_s,
+                )
             bar.update(min(max(hi - lo, 0) * dp_size, len(items) - bar.n))  # rank 0's pace stands for all
             bar.set_postfix(pass1=f"{done:.3f}")
     finally:

@@ -37,15 +37,15 @@ eval.save_responses=false logging.out_dir=$L/$1"                               #
     ce_smol) echo "$CE --hf-dir $SMOLLM2_HF --fp32-lm-head --prompts $n --greedy-prompts $n --flattened --json $L/ce_smol.json --engine-kwargs '$E'" ;;
     grpo_sglang)
       local st=20 sft=100; [ "$s" = 1 ] && st=2 sft=10
-      echo "$TRAIN +preset=smollm2_gsm8k train.steps=$st sft.steps=$sft train.eval_every=0 data.num_eval=64 train.fp32_lm_head=true train.offload_optimizer_during_rollout=true rollout.max_logp_gap=0.5 algo.tis=token logging.wandb_mode=offline logging.out_dir=$L/grpo_sglang train.save_every=0 train.max_minutes=8" ;;
-    eval_gsm8k|eval_math500)  # one set a stage: the JSON is written at the end, a killed stage leaves nothing
-      local lim=0 k=16; [ "$s" = 1 ] && lim=32 k=2
-      echo "$ev rollout=sglang rollout.max_batch_size=1024 rollout.cuda_graph_max_bs=1024 eval.sets=[${1#eval_}] eval.k=$k eval.limit=$lim eval.max_new_tokens=1024 eval.chunk_problems=256 logging.wandb_mode=offline" ;;  # eval_progress.json per chunk
+      echo "$TRAIN +preset=smollm2_gsm8k train.steps=$st sft.steps=$sft train.eval_every=0 data.num_eval=64 train.fp32_lm_head=true train.offload_optimizer_during_rollout=true rollout.max_logp_gap=0.5 algo.tis=token logging.wandb_mode=offline logging.out_dir=$L/grpo_sglang train.save_every=0 train.save_dir=/tmp/ckpt/grpo_sglang train.max_minutes=8" ;;  # the checkpoint stays out of r1logs
+    eval_gsm8k|eval_math500)  # one set a stage; eval_progress.json (rates, tokens/s) after every chunk
+      local lim=0 k=16 ch=330; [ "$s" = 1 ] && lim=32 k=2; [ $1 = eval_math500 ] && ch=250
+      echo "$ev rollout=sglang rollout.max_batch_size=1024 rollout.cuda_graph_max_bs=1024 eval.sets=[${1#eval_}] eval.k=$k eval.limit=$lim eval.max_new_tokens=1024 eval.chunk_problems=$ch logging.wandb_mode=offline" ;;
     eval_greedy|eval_greedy_ln)
       local x=""; [ $1 = eval_greedy_ln ] && x="eval.extract=last_number"
       echo "$ev rollout=sglang eval.sets=[gsm8k] eval.greedy=true $x eval.max_new_tokens=1024 logging.wandb_mode=disabled" ;;
     eval_cmp_sglang|eval_cmp_megatron)
-      local eng=${1#eval_cmp_} lim=100 bs=1024 g=""; [ "$s" = 1 ] && lim=16; [ $eng = megatron ] && bs=512
+      local eng=${1#eval_cmp_} lim=64 bs=1024 g=""; [ "$s" = 1 ] && lim=16; [ $eng = megatron ] && bs=512  # 1600 answers did not fit 170 s
       [ $eng = sglang ] && g="rollout.cuda_graph_max_bs=1024"  # decode graphs up to the batch (SGLang's own cap: 256)
       echo "$ev rollout=$eng rollout.max_batch_size=$bs $g eval.sets=[gsm8k] eval.k=16 eval.limit=$lim eval.max_new_tokens=512 eval.chunk_problems=2000 logging.wandb_mode=disabled" ;;
     eval_cmp) echo "python3 tools/compare_eval_engines.py $L/eval_cmp_megatron/eval.json $L/eval_cmp_sglang/eval.json --labels megatron sglang" ;;
@@ -56,6 +56,12 @@ eval.save_responses=false logging.out_dir=$L/$1"                               #
   esac
 }
 
+pack() {  # logs + JSON back in one file under the 16 MiB limit: never checkpoints or weights; eval.json only if it fits
+  local x=(--exclude=checkpoints --exclude='*.safetensors' --exclude='*.distcp' --exclude='*.pt' --exclude='*.bin')
+  tar czf $OUT/r1logs.tgz "${x[@]}" -C /tmp r1logs 2>/dev/null
+  [ $(stat -c %s $OUT/r1logs.tgz) -gt 15000000 ] && tar czf $OUT/r1logs.tgz "${x[@]}" --exclude=eval.json -C /tmp r1logs
+}
+quiet() { grep -v -e Warning -e warnings.warn -e 'it/s]' -e 'ServerArgs(' -e 'Capturing ' -e clean_up_tokenization "$@"; }
 summary=$L/summary.txt; : > $summary
 bg=()
 for spec in "$@"; do
@@ -74,10 +80,10 @@ for spec in "$@"; do
   timeout -s KILL $to bash -c "$c" > $L/$name.log 2>&1; rc=$?
   pkill -9 -f 'sglang::' 2>/dev/null  # SGLang's schedulers outlive a killed parent and hold GPU memory
   echo "$name rc=$rc wall=$(( $(date +%s) - t0 ))s" | tee -a $summary
-  grep -v -e Warning -e warnings.warn -e 'it/s]' $L/$name.log | tail -n ${TAIL:-14}
-  tar czf $OUT/r1logs.tgz -C /tmp r1logs 2>/dev/null
+  quiet $L/$name.log | tail -n ${TAIL:-14} | cut -c1-600
+  pack
 done
 for p in "${bg[@]}"; do wait $p; done
-[ ${#bg[@]} -gt 0 ] && for spec in "$@"; do [ "${spec:0:1}" = "+" ] && { n=${spec%%:*}; n=${n:1}; echo "--- $n (background)"; grep -v -e Warning -e warnings.warn $L/$n.log | tail -n ${TAIL:-14}; }; done
-tar czf $OUT/r1logs.tgz -C /tmp r1logs 2>/dev/null
+[ ${#bg[@]} -gt 0 ] && for spec in "$@"; do [ "${spec:0:1}" = "+" ] && { n=${spec%%:*}; n=${n:1}; echo "--- $n (background)"; quiet $L/$n.log | tail -n ${TAIL:-14} | cut -c1-600; }; done
+pack
 echo; cat $summary
