@@ -257,16 +257,17 @@ class SGLangRolloutEngine:
         """Push the trainer's weights (collective over the TP / EP groups: every rank must call it).
 
         Single-dtype flattened buckets (r1mega/rollout/weight_push.py) over CUDA IPC; after the first push and
-        every ``rollout.verify_push_every``-th (if set), a sample is read back; ``last_push_metrics`` has the split.
-        """
+        every ``rollout.verify_push_every``-th (if set), a sample is read back; ``last_push_metrics`` has the split."""
         self._resume([WEIGHTS])  # the weights must be resident to be written; the KV cache can wait
         stats, sample = PushStats(), {}
+        every = self.settings.verify_push_every
+        verify = self._engine is not None and (self._pushes == 0 or (every and self._pushes % every == 0))
         groups = source.hf_buckets(1, self.dtype)  # a 1-byte bucket size yields the export's groups one by one
         for bucket in timed(stats, "gather", plan_buckets(groups, self.bucket_bytes)):
             stats.buckets += 1
             stats.tensors += len(bucket)
             stats.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-            if len(sample) < VERIFY_SAMPLES:
+            if verify and len(sample) < VERIFY_SAMPLES:  # a device-to-host copy (a sync): only when it is read
                 name, t = bucket[0]
                 sample[name] = t[:VERIFY_ROWS].detach().float().cpu()
             if self._engine is not None:
@@ -275,8 +276,7 @@ class SGLangRolloutEngine:
         if self._engine is not None:
             self._engine.flush_cache()  # no prefix computed with the old weights may be reused
         stats.seconds = time.perf_counter() - stats.started
-        every = self.settings.verify_push_every
-        if self._engine is not None and (self._pushes == 0 or (every and self._pushes % every == 0)):
+        if verify:
             t0 = time.perf_counter()
             self._verify(sample)
             stats.verify = time.perf_counter() - t0
