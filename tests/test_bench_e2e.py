@@ -104,9 +104,16 @@ def test_report_table_and_curves_from_run_logs(tmp_path):
     assert "| cold start | 0.1000 | 0.0100 | nan | 0.900 |" in table and "| TRL after | nan |" in table
     assert (tmp_path / "e2e_table.md").read_text().strip() == table
     assert (tmp_path / "e2e_curves.png").stat().st_size > 10_000
-    bench.copy_results(tmp_path, tmp_path / "back")  # what a device command brings back
-    assert (tmp_path / "back" / "trl" / "metrics.jsonl").read_text() == (tmp_path / "trl" / "metrics.jsonl").read_text()
-    assert (tmp_path / "back" / "eval_cold_greedy" / "eval.json").is_file()
+    import tarfile
+
+    archive = bench.copy_results(tmp_path, tmp_path / "back")  # what a device command brings back: one file
+    assert [p.name for p in (tmp_path / "back").iterdir()] == ["e2e_results.tgz"]
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    got = tmp_path / "unpacked"
+    assert (got / "trl" / "metrics.jsonl").read_text() == (tmp_path / "trl" / "metrics.jsonl").read_text()
+    assert (got / "eval_cold_greedy" / "eval.json").is_file()
+    assert bench.report(got, {"r1mega": {"peak_gpu_mib": 2048, "wall_s": 60}}) == table  # the report, here
 
 
 @needs_hf_path

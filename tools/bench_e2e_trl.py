@@ -222,6 +222,7 @@ def r1mega_cmds(out: Path, extra: list[str]) -> dict[str, list[str]]:
         evals[f"eval_{ck}_greedy"] = [py, "-m", "r1mega.eval.cli", *common, "eval.greedy=true",
                                       f"logging.out_dir={out / f'eval_{ck}_greedy'}", *extra]  # fmt: skip
         evals[f"eval_{ck}_k8"] = [py, "-m", "r1mega.eval.cli", *common, "eval.k=8", "eval.pass_at=[1,8]",
+                                  "eval.save_responses=false",  # 10k answers: the archive must stay < 16 MiB
                                   f"logging.out_dir={out / f'eval_{ck}_k8'}", *extra]  # fmt: skip
     return {
         "cold": [
@@ -368,15 +369,19 @@ def run_trl(out: Path, extra: list[str]) -> None:
     tok.save_pretrained(str(out / "trl_final"))
 
 
-def copy_results(out: Path, dest: Path) -> None:
-    """What comes back from the device (the HF folders stay behind): metrics, eval results, logs, wandb runs."""
-    import shutil
+def copy_results(out: Path, dest: Path) -> Path:
+    """What comes back from the device (the HF folders stay behind): metrics, eval results, logs and wandb runs, in
+    one archive ``dest/e2e_results.tgz`` (a device command returns at most 8 files, 2 folders down). Each command's
+    archive holds everything under ``out`` so far, so the last one is the whole run: unpack it, ``--stage report``."""
+    import tarfile
 
-    for pattern in ("stages.json", "*.log", "*/metrics.jsonl", "eval_*/eval.json", "*/wandb/offline-run-*"):
-        for src in out.glob(pattern):
-            target = dest / src.relative_to(out)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            (shutil.copytree(src, target, dirs_exist_ok=True) if src.is_dir() else shutil.copy2(src, target))
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / "e2e_results.tgz"
+    with tarfile.open(path, "w:gz") as tar:
+        for pattern in ("stages.json", "*.log", "*/metrics.jsonl", "eval_*/eval.json", "*/wandb/offline-run-*"):
+            for src in sorted(out.glob(pattern)):
+                tar.add(src, arcname=str(src.relative_to(out)))
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- the report
