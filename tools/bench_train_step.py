@@ -261,6 +261,13 @@ def main(argv: list[str] | None = None) -> None:
 
     rt = init_runtime(ParallelConfig(), seed=1, device="cpu" if args.dry_run else "auto")
     try:
+        if args.logprob:  # first: seconds, and its row must not be lost to a time limit hit by the MoE steps
+            try:
+                bench_logprob_pass(args, rt.device)
+            except Exception as e:  # noqa: BLE001
+                print(f"log-prob pass: FAILED {type(e).__name__}: {str(e)[:300]}")
+                if args.dry_run:
+                    raise
         for name in args.models.split(","):
             layers = args.layers or (2 if args.dry_run or name == "dsv3" else 4)
             for precision in args.precisions.split(","):
@@ -271,8 +278,6 @@ def main(argv: list[str] | None = None) -> None:
                         print(f"{name} {precision} {mode}: FAILED {type(e).__name__}: {str(e)[:300]}")
                         if args.dry_run:
                             raise
-        if args.logprob:
-            bench_logprob_pass(args, rt.device)
     finally:
         shutdown_runtime()
 
