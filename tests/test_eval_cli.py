@@ -144,6 +144,7 @@ def test_cli_table_json_and_numbers_recomputed_from_the_json(sft_model, tmp_path
         for key in ("pass@1", "format_rate", "answer_rate", "length_mean", "truncated_frac"):
             assert progress["sets"][name][key] == pytest.approx(data["summary"][name][key]), (name, key)
     assert progress["generated_tokens"] == data["generated_tokens"]
+    assert not list(out.glob("eval_chunks.rank*.jsonl"))  # the finished chunks go once eval.json is written
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["eval/heldout/pass@1"] == pytest.approx(data["summary"]["heldout"]["pass@1"])
 

@@ -12,7 +12,8 @@ tokenizer with its chat template and end-of-turn token (the engines stop on ``to
 r1mega/conf/eval.yaml is the primary config: r1mega/conf/config.yaml (the training defaults) + R1's protocol (eval.*).
 Prints the table, writes ``eval.output`` (default ``<logging.out_dir>/eval.json``) with every per-problem result
 (and, chunk by chunk while it runs, the running per-set numbers to ``eval_progress.json`` beside it),
-and logs the summary through :class:`r1mega.tracking.Tracker` (wandb + metrics.jsonl).
+and logs the summary through :class:`r1mega.tracking.Tracker` (wandb + metrics.jsonl). A stopped run, started
+again with the same command, generates only the chunks it had not finished (``eval.resume``, r1mega/eval/chunks.py).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def run(cfg):
     from r1mega.data.tokenizer import build_tokenizer
     from r1mega.eval.datasets import load_eval_sets
     from r1mega.eval.report import report
-    from r1mega.eval.runner import EvalSettings, evaluate
+    from r1mega.eval.runner import EvalSettings, evaluate, remove_chunks
     from r1mega.eval.templates import encode_prompts
     from r1mega.model.hf_load import resolve_model_config
     from r1mega.parallel.runtime import dist_env_from_environ, init_runtime, shutdown_runtime
@@ -113,15 +114,21 @@ def run(cfg):
     )
     policy, engine = build_policy_and_engine(cfg, runtime, tokenizer)
     meta = {"model": cfg.model.name, "checkpoint": cfg.model.checkpoint, "hf_path": cfg.model.hf_path}
-    meta.update(tokenizer=cfg.model.tokenizer, eos_id=tokenizer.eos_id)
+    meta.update(tokenizer=cfg.model.tokenizer, eos_id=tokenizer.eos_id, engine=cfg.rollout.backend)
     meta["config"] = container
     try:
         with RewardScorer(cfg.reward) as scorer:
             out = cfg.eval.output or str(Path(cfg.logging.out_dir) / "eval.json")
             progress = Path(out).with_name(Path(out).stem + "_progress.json")  # running numbers, chunk by chunk
-            results = evaluate(engine, tokenizer, scorer, sets, settings, meta, progress_path=progress)
+            results = evaluate(engine, tokenizer, scorer, sets, settings, meta, progress_path=progress,
+                               chunks_path=out, resume=cfg.eval.resume)  # fmt: skip
         if runtime.is_main:
             report(results, out, tracker, step=0, console=console)
+        if runtime.env.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # eval.json is written: the finished chunks may go
+        remove_chunks(out)
     finally:
         tracker.finish()
         engine.shutdown()

@@ -35,6 +35,9 @@ class EvalConfig:
     chunk_problems: int = 256  # problems per engine call (each with its k samples); the progress bar steps per call
     output: Optional[str] = None  # the per-problem results JSON; None = <logging.out_dir>/eval.json
     save_responses: bool = True  # keep every response text in the JSON (large for long answers)
+    # a stopped run of the same evaluation (model, settings, problems) goes on after its last finished chunk,
+    # kept beside the results JSON (r1mega/eval/chunks.py); false = start over
+    resume: bool = True
     # strict: the answer is the last <answer>...</answer> or \boxed{} (R1's rule, as the reward); last_number: else the
     # last number of the response (lm-eval's GSM8K "flexible-extract"), to set a score beside published few-shot ones
     extract: str = "strict"

@@ -22,11 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from r1mega.data.tasks import Problem
+from r1mega.eval.chunks import ChunkStore, Sample, chunk_path, fingerprint
 from r1mega.eval.metrics import cons_at_k
 from r1mega.eval.results import EvalResults, ProblemResult, SampleResult, SetResult, summarize, write_json
 from r1mega.eval.templates import encode_prompts
 from r1mega.rewards import extract_answer
-from r1mega.rollout.base import Rollout, SamplingParams
+from r1mega.rollout.base import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -133,34 +134,24 @@ _PROGRESS_STATS = ("pass@1", "format_rate", "answer_rate", "length_mean", "trunc
 
 
 def write_progress(
-    path: str | Path,
-    names: list[str],
-    accuracy: list[float],
-    fmt: list[float],
-    answers: list[str | None],
-    rollouts: list[Rollout],
-    *,
-    chunks: int,
-    of: int,
-    wall_s: float,
-    gen_s: float,
+    path: str | Path, names: list[str], samples: list[Sample], *, chunks: int, of: int, wall_s: float, gen_s: float
 ) -> None:
     """The running per-set means of the samples scored so far (one name per sample), written atomically, with the
     generation throughput: what a run stopped by a time limit leaves behind is enough for the report's row."""
     sets: dict[str, dict[str, float]] = {}
-    for name, acc, f, a, r in zip(names, accuracy, fmt, answers, rollouts):
+    for name, x in zip(names, samples):
         d = sets.setdefault(name, dict.fromkeys(("samples", *_PROGRESS_STATS), 0.0))
         d["samples"] += 1
-        d["pass@1"] += float(acc > 0)
-        d["format_rate"] += float(f > 0)
-        d["answer_rate"] += float(a is not None)  # as results.summarize counts it
-        d["length_mean"] += len(r.response_ids)
-        d["truncated_frac"] += float(not r.finished)
+        d["pass@1"] += float(x.accuracy > 0)
+        d["format_rate"] += float(x.format > 0)
+        d["answer_rate"] += float(x.answer is not None)  # as results.summarize counts it
+        d["length_mean"] += x.length
+        d["truncated_frac"] += float(not x.finished)
     for d in sets.values():
         d["samples"] = int(d["samples"])
         for k in _PROGRESS_STATS:
             d[k] /= d["samples"]
-    tokens = sum(len(r.response_ids) for r in rollouts)
+    tokens = sum(x.length for x in samples)
     write_json(
         {
             "chunks_done": chunks,
@@ -175,6 +166,63 @@ def write_progress(
     )
 
 
+def _resumable(chunks_path: str | Path | None, key: str, num_chunks: int, resume: bool):
+    """(store, finished chunks) of this rank; every rank keeps the same number (the engine calls are collective)."""
+    if chunks_path is None:
+        return None, []
+    store = ChunkStore(chunk_path(chunks_path, _global_rank()), key)
+    done = store.load()[:num_chunks] if resume else []
+    try:
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            n = torch.tensor([len(done)], dtype=torch.int64)
+            if dist.get_backend() == "nccl":
+                n = n.cuda()
+            dist.all_reduce(n, op=dist.ReduceOp.MIN)
+            done = done[: int(n.item())]
+    except ImportError:
+        pass
+    store.reset(done)
+    return store, done
+
+
+def _run_chunk(engine, tokenizer, scorer, settings: EvalSettings, c: int, prompts, filler, golds):
+    """One engine call (chunk ``c``: each prompt ``settings.samples`` times), scored: (samples, generation s)."""
+    n = settings.samples
+    chunk = [p for p in prompts for _ in range(n)]
+    t = time.perf_counter()
+    out = engine.generate(chunk or [filler], settings.sampling(c))[: len(chunk)]
+    gen_s = time.perf_counter() - t
+    texts = [tokenizer.decode(r.response_ids) for r in out]
+    golds = [g for g in golds for _ in range(n)]
+    rewards = scorer.score(texts, golds)
+    answers = [answer_of(t, settings.extract) for t in texts]
+    accuracy = rewards.accuracy
+    if settings.extract != "strict":  # the correctness of the answer this rule extracts (the format stays R1's)
+        accuracy = scorer.score([_as_answer(a) if a else "" for a in answers], golds).accuracy
+    keep = settings.save_responses
+    return [
+        Sample(a, float(acc), float(f), len(r.response_ids), bool(r.finished), text if keep else None)
+        for a, acc, f, r, text in zip(answers, accuracy, rewards.format, out, texts)
+    ], gen_s
+
+
+def _global_rank() -> int:
+    try:
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    except ImportError:
+        return 0
+
+
+def remove_chunks(results_path: str | Path) -> None:
+    """This rank's chunk file of a finished evaluation (call after the results JSON is written)."""
+    chunk_path(results_path, _global_rank()).unlink(missing_ok=True)
+
+
 def evaluate(
     engine,
     tokenizer,
@@ -183,6 +231,8 @@ def evaluate(
     settings: EvalSettings,
     meta: dict | None = None,
     progress_path: str | Path | None = None,
+    chunks_path: str | Path | None = None,
+    resume: bool = True,
 ) -> EvalResults:
     """Evaluate every set; returns the full per-problem results with each set's summary (on every rank).
 
@@ -190,6 +240,9 @@ def evaluate(
     resumed for the evaluation and released afterwards (as the trainer does around generation).
     ``progress_path``: after every chunk, data-parallel rank 0 rewrites this JSON with the running per-set
     pass@1 / format rate of its problems so far, so a run stopped by a time limit still leaves its numbers.
+    ``chunks_path`` (the results JSON's path): every finished chunk is kept beside it and, with ``resume``, a rerun
+    of the same evaluation starts after the last one (r1mega/eval/chunks.py); the caller removes them once the
+    results are written (``remove_chunks``).
     """
     from tqdm import tqdm
 
@@ -203,78 +256,62 @@ def evaluate(
     # every rank makes the same number of engine calls (EP engines generate collectively across DP ranks)
     per_rank = math.ceil(len(items) / dp_size)
     num_chunks = math.ceil(per_rank / settings.chunk_problems)
+    key = fingerprint(
+        {k: v for k, v in asdict(settings).items() if k != "progress"},
+        {k: (meta or {}).get(k) for k in ("model", "checkpoint", "hf_path", "engine")},
+        [(name, p.question, p.answer) for name, _, p in mine],
+    )
+    store, done = _resumable(chunks_path, key, num_chunks, resume)
     prompts = encode_prompts([p.question for _, _, p in mine], settings.template, tokenizer)
     filler = encode_prompts([items[0][2].question], settings.template, tokenizer)[0]
     bar = tqdm(total=len(items), unit="problem", desc="eval", disable=not (settings.progress and dp_rank == 0))
-    rollouts: list[Rollout] = []
-    texts: list[str] = []
-    accuracy: list[float] = []
-    fmt: list[float] = []
-    answers: list[str | None] = []
+    samples: list[Sample] = []
     gen_s = 0.0
     engine.resume_memory()
     try:
         for c in range(num_chunks):
             lo, hi = c * settings.chunk_problems, min((c + 1) * settings.chunk_problems, len(mine))
-            chunk = [p for p in prompts[lo:hi] for _ in range(n)]
-            t = time.perf_counter()
-            out = engine.generate(chunk or [filler], settings.sampling(c))[: len(chunk)]
-            gen_s += time.perf_counter() - t
-            chunk_texts = [tokenizer.decode(r.response_ids) for r in out]
-            golds = [p.answer for _, _, p in mine[lo:hi] for _ in range(n)]
-            rewards = scorer.score(chunk_texts, golds)
-            chunk_answers = [answer_of(t, settings.extract) for t in chunk_texts]
-            chunk_accuracy = rewards.accuracy
-            if settings.extract != "strict":  # the correctness of the answer this rule extracts (the format stays R1's)
-                chunk_accuracy = scorer.score([_as_answer(a) if a else "" for a in chunk_answers], golds).accuracy
-            rollouts += out
-            texts += chunk_texts
-            answers += chunk_answers
-            accuracy += chunk_accuracy
-            fmt += rewards.format
-            done = sum(accuracy) / max(len(accuracy), 1)
+            if c < len(done):  # finished by an earlier run of this evaluation
+                samples += done[c][0]
+                gen_s += done[c][1]
+            else:
+                chunk_samples, chunk_s = _run_chunk(engine, tokenizer, scorer, settings, c, prompts[lo:hi], filler,
+                                                    [p.answer for _, _, p in mine[lo:hi]])  # fmt: skip
+                samples += chunk_samples
+                gen_s += chunk_s
+                if store is not None:
+                    store.append(c, chunk_samples, chunk_s)
             if progress_path is not None and dp_rank == 0:
                 names = [name for name, _, _ in mine[:hi] for _ in range(n)]
-                write_progress(
-                    progress_path,
-                    names,
-                    accuracy,
-                    fmt,
-                    answers,
-                    rollouts,
-                    chunks=c + 1,
-                    of=num_chunks,
-                    wall_s=time.perf_counter() - t0,
-                    gen_s=gen_s,
-                )
+                write_progress(progress_path, names, samples, chunks=c + 1, of=num_chunks,
+                               wall_s=time.perf_counter() - t0, gen_s=gen_s)  # fmt: skip
             bar.update(min(max(hi - lo, 0) * dp_size, len(items) - bar.n))  # rank 0's pace stands for all
-            bar.set_postfix(pass1=f"{done:.3f}")
+            bar.set_postfix(pass1=f"{sum(x.accuracy for x in samples) / max(len(samples), 1):.3f}")
     finally:
         engine.release_memory()
         bar.close()
 
-    by_problem = [answers[j * n : (j + 1) * n] for j in range(len(mine))]
+    by_problem = [[x.answer for x in samples[j * n : (j + 1) * n]] for j in range(len(mine))]
     table = equivalence_table(scorer, by_problem)
     same = lambda a, b: table.get((a, b), False)  # noqa: E731
     results: list[tuple[str, ProblemResult]] = []
     for j, (name, idx, problem) in enumerate(mine):
-        sl = slice(j * n, (j + 1) * n)
-        samples = [
+        mine_samples = [
             SampleResult(
-                answer=a,
-                correct=acc > 0,
-                format=f > 0,
-                length=len(r.response_ids),
-                finished=bool(r.finished),
-                response=text if settings.save_responses else None,
+                answer=x.answer,
+                correct=x.accuracy > 0,
+                format=x.format > 0,
+                length=x.length,
+                finished=x.finished,
+                response=x.text,
             )
-            for a, acc, f, r, text in zip(answers[sl], accuracy[sl], fmt[sl], rollouts[sl], texts[sl])
+            for x in samples[j * n : (j + 1) * n]
         ]
-        ok, win, votes = cons_at_k([s.answer for s in samples], [s.correct for s in samples], same)
+        ok, win, votes = cons_at_k([s.answer for s in mine_samples], [s.correct for s in mine_samples], same)
         results.append(
-            (name, ProblemResult(idx, problem.question, problem.answer, samples, votes, win and win.answer, ok))
+            (name, ProblemResult(idx, problem.question, problem.answer, mine_samples, votes, win and win.answer, ok))
         )
-    generated = sum(len(r.response_ids) for r in rollouts)
+    generated = sum(x.length for x in samples)
     if dp_size > 1:
         import torch.distributed as dist
 

@@ -62,11 +62,11 @@ pack() {  # logs + JSON back in one file under the 16 MiB limit: never checkpoin
   [ $(stat -c %s $OUT/r1logs.tgz) -gt 15000000 ] && tar czf $OUT/r1logs.tgz "${x[@]}" --exclude=eval.json -C /tmp r1logs
 }
 quiet() { grep -v -e Warning -e warnings.warn -e 'it/s]' -e 'ServerArgs(' -e 'Capturing ' -e clean_up_tokenization "$@"; }
-summary=$L/summary.txt; : > $summary
+summary=$L/summary.txt; echo "--- command at $(date -u +%H:%M:%S): $*" >> $summary; mark=$(wc -l < $summary)
 bg=()
 for spec in "$@"; do
   name=${spec%%:*}; to=${spec#*:}; [ "$to" = "$spec" ] && to=300
-  left=$(( deadline - $(date +%s) - 15 ))
+  left=$(( deadline - $(date +%s) - 35 ))  # 20 s of TERM grace + packing
   [ $left -lt 30 ] && { echo "SKIP $name (deadline)" | tee -a $summary; continue; }
   [ $to -gt $left ] && to=$left
   if [ "${name:0:1}" = "+" ]; then  # +stage: in the background, beside the next ones (smoke runs only)
@@ -75,10 +75,13 @@ for spec in "$@"; do
       echo "$name rc=$rc wall=$(( $(date +%s) - t0 ))s (background)" >> $summary ) &
     bg+=($!); continue
   fi
+  [ -e $L/done/$name ] && { echo "SKIP $name (done in an earlier command)" | tee -a $summary; continue; }
   c=$(cmd_of $name); echo "=== $name (timeout ${to}s): $c"
-  t0=$(date +%s)
-  timeout -s KILL $to bash -c "$c" > $L/$name.log 2>&1; rc=$?
+  t0=$(date +%s); echo "=== $(date -u +%H:%M:%S) (timeout ${to}s)" >> $L/$name.log  # a rerun appends (and resumes)
+  # TERM first: the trainer finishes its step and checkpoints, r1mega-eval's finished chunks are on disk; KILL 20 s on
+  timeout -k 20 -s TERM $to bash -c "$c" >> $L/$name.log 2>&1; rc=$?
   pkill -9 -f 'sglang::' 2>/dev/null  # SGLang's schedulers outlive a killed parent and hold GPU memory
+  [ $rc = 0 ] && mkdir -p $L/done && touch $L/done/$name
   echo "$name rc=$rc wall=$(( $(date +%s) - t0 ))s" | tee -a $summary
   quiet $L/$name.log | tail -n ${TAIL:-14} | cut -c1-600
   pack
@@ -86,4 +89,4 @@ done
 for p in "${bg[@]}"; do wait $p; done
 [ ${#bg[@]} -gt 0 ] && for spec in "$@"; do [ "${spec:0:1}" = "+" ] && { n=${spec%%:*}; n=${n:1}; echo "--- $n (background)"; quiet $L/$n.log | tail -n ${TAIL:-14} | cut -c1-600; }; done
 pack
-echo; cat $summary
+echo; tail -n +$mark $summary
