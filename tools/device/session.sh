@@ -31,6 +31,8 @@ eval.save_responses=false logging.out_dir=$L/$1"                               #
     cte_smol) echo "$smol --bench-gen --floor -- $head" ;;
     cte_smol_det) echo "$smol -- $head rollout.deterministic=true" ;;
     cte_smol_bf16) echo "$smol -- data.template=chat" ;;
+    cte_smol_fi)  # flashinfer attention + sampling (JIT-built on first use with the machine's nvcc): tokens/s vs triton
+      echo "$smol --bench-gen -- $head rollout.attention_backend=flashinfer rollout.sampling_backend=flashinfer" ;;
     cte_qmoe) echo "$CTE --family qwen3_moe $tiny -- $head rollout.routing_replay=true" ;;
     cte_dsv3) echo "$CTE --family deepseek_v3 $tiny -- $head rollout.routing_replay=true" ;;
     cte_wide) echo "$CTE --family llama --wide --tokenizer-from $SMOLLM2_HF --prompts 8 --json $L/$1.json -- data.template=chat" ;;
