@@ -4,10 +4,11 @@ A k = 16 pass over GSM8K + MATH-500 is tens of minutes of generation on one GPU:
 crash in the last set must not cost the sets before it. After every chunk (one engine call, ``eval.chunk_problems``
 problems x k samples) each rank appends that chunk's scored samples to its own JSONL file
 (``<eval.json stem>_chunks.rank<R>.jsonl``), flushed and fsynced. A rerun of the same evaluation (``eval.resume``,
-on by default) reads them back and generates only the chunks that are missing; the results equal a run that was
-never stopped (each chunk's sampling seed is ``eval.seed + chunk``). "The same evaluation" is a fingerprint of the
-settings, the model and the problems of the rank: anything else starts over. The files go once ``eval.json`` is
-written.
+on by default) reads them back and generates only the chunks that are missing. Each chunk samples with the seed
+``eval.seed + chunk``, so the results equal a run that was never stopped wherever the engine honours seeds (the
+megatron engine; SGLang only with ``rollout.deterministic=true``, sglang 0.5.17 reads ``sampling_seed`` nowhere
+else). "The same evaluation" is a fingerprint of the settings, the model, the engine and the problems of the rank:
+anything else starts over. The files go once ``eval.json`` is written.
 """
 
 from __future__ import annotations
