@@ -11,9 +11,11 @@ One job, one process per stage (each side starts on a clean GPU, so peak memorie
 3. ``trl``: TRL 1.16's ``GRPOTrainer`` from the same folder, on the same RL prompts (the same chat template: TRL
    applies it to conversational prompts), with r1mega's reward code (``RewardScorer``: the same format + accuracy
    rules, weights and timeouts). Rollouts: TRL's default ``model.generate`` (vLLM is not carried to the machine).
+   Its code: tools/e2e_trl_side.py.
 4. ``eval``: ``r1mega-eval`` on GSM8K test (all 1319; greedy, and pass@1 over 8 samples) of the cold-start, r1mega
    and TRL checkpoints: one evaluator for all three.
-5. ``report``: one table (per-step time split, tokens/s, peak GPU memory, accuracy before / after) and PNG curves.
+5. ``report``: one table (per-step time split, tokens/s, peak GPU memory, accuracy before / after) and PNG curves
+   (tools/e2e_report.py).
 
 TRL's side is set up as its docs recommend for speed (see ``trl_kwargs``): bf16 weights and autocast,
 gradient checkpointing OFF (TRL's GRPOConfig turns it ON by default; a 135M model does not need it), SDPA
@@ -27,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -36,6 +37,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is no package: its e2e_report beside this file
+from e2e_report import report  # noqa: E402
+from e2e_trl_side import run_trl  # noqa: E402
+
 PRESET = ["+preset=smollm2_gsm8k"]
 
 # r1mega algo.loss_agg -> TRL loss_type (grpo_config.py:801: 'grpo' = per-sequence length mean, then batch mean;
@@ -246,129 +251,6 @@ def r1mega_cmds(out: Path, extra: list[str]) -> dict[str, list[str]]:
     }
 
 
-def rl_prompts(cfg) -> list[tuple[str, str]]:
-    """(question, gold) of r1mega's RL prompts: GSM8K train minus the cold-start demonstrations, as r1mega-train."""
-    from r1mega.data.cold_start import split_cold_start
-    from r1mega.data.tasks import load_problems
-
-    train, evals = load_problems(cfg.data)
-    return [(p.question, p.answer) for p in split_cold_start(train, evals, cfg)[0]]
-
-
-class StageTimes:
-    """Seconds per stage since the last ``take()`` (CUDA-synchronised, so a stage owns its kernels)."""
-
-    def __init__(self) -> None:
-        self.sec: dict[str, float] = {}
-        self.notes: dict[str, list[float]] = {}
-
-    def stage(self, name: str):
-        import contextlib
-
-        import torch
-
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None  # CPU: the smoke test
-
-        @contextlib.contextmanager
-        def timed():
-            sync()
-            t0 = time.perf_counter()
-            try:
-                yield
-            finally:
-                sync()
-                self.sec[name] = self.sec.get(name, 0.0) + time.perf_counter() - t0
-
-        return timed()
-
-    def take(self) -> tuple[dict[str, float], dict[str, float]]:
-        sec, notes = self.sec, {k: statistics.fmean(v) for k, v in self.notes.items() if v}
-        self.sec, self.notes = {}, {}
-        return sec, notes
-
-
-def run_trl(out: Path, extra: list[str]) -> None:
-    """TRL's GRPOTrainer from the cold-start folder on r1mega's RL prompts; metrics.jsonl in r1mega's key names."""
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from r1mega.data.tokenizer import end_of_turn_id
-    from r1mega.rewards import RewardScorer
-
-    cold, log_dir = out / "cold", out / "trl"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    cfg = compose([f"model.hf_path={cold}", "sft.steps=0", *extra])
-    kw = check_mapping(cfg, str(log_dir))
-    tok = AutoTokenizer.from_pretrained(cold)
-    eot = end_of_turn_id(
-        tok
-    )  # TRL stops on tokenizer.eos_token_id + generation_config.eos_token_id: make both <|im_end|>
-    tok.eos_token = tok.convert_ids_to_tokens(eot)
-    dtype = torch.bfloat16 if kw["bf16"] else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(cold, dtype=dtype, attn_implementation="sdpa")
-    model.generation_config.eos_token_id = eot
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": q}], "gold": a} for q, a in rl_prompts(cfg)])
-    times = StageTimes()
-    scorer = RewardScorer(cfg.reward)
-
-    def r1_rules(prompts, completions, gold, **_) -> list[float]:  # r1mega's reward code: format + accuracy
-        with times.stage("reward"):
-            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-            r = scorer.score(texts, list(gold))
-        times.notes.setdefault("reward/accuracy", []).append(statistics.fmean(r.accuracy))
-        times.notes.setdefault("reward/format", []).append(statistics.fmean(r.format))
-        return r.total
-
-    class Timed(GRPOTrainer):
-        def _generate_single_turn(self, *a, **k):
-            with times.stage("generation"):
-                return super()._generate_single_turn(*a, **k)
-
-        def _get_per_token_logps_and_entropies(self, *a, **k):
-            if torch.is_grad_enabled():  # the training forward: part of "training"
-                return super()._get_per_token_logps_and_entropies(*a, **k)
-            with times.stage("logprobs"):  # old / reference log-probs of the rollout
-                return super()._get_per_token_logps_and_entropies(*a, **k)
-
-    rows: list[dict[str, float]] = []
-
-    class Log(TrainerCallback):
-        t_step, tokens = 0.0, 0.0  # TRL logs num_tokens = input tokens seen so far (cumulative)
-
-        def on_train_begin(self, args, state, control, **_):
-            self.t_step = time.perf_counter()
-
-        def on_log(self, args, state, control, logs=None, **_):
-            if not logs or "loss" not in logs:
-                return
-            now, (sec, notes) = time.perf_counter(), times.take()
-            wall, self.t_step = now - self.t_step, now
-            seen = float(logs.get("num_tokens", self.tokens))
-            row = {"step": state.global_step, "reward/mean": logs.get("reward"), **notes,
-                   "response/length_mean": logs.get("completions/mean_length"), "train/kl": logs.get("kl"),
-                   "time/step": wall, "time/weight_update": 0.0, "perf/tokens_per_s": (seen - self.tokens) / wall,
-                   "perf/peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0,
-                   **{f"time/{k}": v for k, v in sec.items()}}  # fmt: skip
-            self.tokens = seen
-            row["time/training"] = wall - sum(sec.values())  # forward + backward + optimizer (+ TRL's bookkeeping)
-            rows.append(row)
-            with open(log_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    trainer = Timed(
-        model=model, reward_funcs=[r1_rules], args=GRPOConfig(**kw), train_dataset=data, processing_class=tok,
-        callbacks=[Log()],
-    )  # fmt: skip
-    try:
-        trainer.train()
-    finally:
-        scorer.close()
-    trainer.save_model(str(out / "trl_final"))
-    tok.save_pretrained(str(out / "trl_final"))
-
-
 def copy_results(out: Path, dest: Path) -> Path:
     """What comes back from the device (the HF folders stay behind): metrics, eval results, logs and wandb runs, in
     one archive ``dest/e2e_results.tgz`` (a device command returns at most 8 files, 2 folders down). Each command's
@@ -382,69 +264,6 @@ def copy_results(out: Path, dest: Path) -> Path:
             for src in sorted(out.glob(pattern)):
                 tar.add(src, arcname=str(src.relative_to(out)))
     return path
-
-
-# ---------------------------------------------------------------------------------------------- the report
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-
-
-def _eval(out: Path, name: str) -> dict[str, float]:
-    p = out / name / "eval.json"
-    return json.loads(p.read_text())["summary"]["gsm8k"] if p.is_file() else {}
-
-
-def report(out: Path, stages: dict[str, dict]) -> str:
-    """The table (markdown, also written to out/e2e_table.md) and out/e2e_curves.png."""
-    runs = {"r1mega": _rows(out / "r1mega" / "metrics.jsonl"), "TRL": _rows(out / "trl" / "metrics.jsonl")}
-    runs = {k: [r for r in v if "time/step" in r] for k, v in runs.items()}
-    med = lambda rows, k: statistics.median([r[k] for r in rows if r.get(k) is not None]) if rows else float("nan")  # noqa: E731
-    final = {"r1mega": "r1mega_final", "TRL": "trl_final"}
-    lines = [
-        "| | r1mega | TRL 1.16 (HF generate) |", "|---|---|---|",
-        *[f"| median {k} (s) | {med(runs['r1mega'], 'time/' + k):.2f} | {med(runs['TRL'], 'time/' + k):.2f} |"
-          for k in ("step", "generation", "logprobs", "training", "weight_update", "reward")],
-        f"| tokens/s (median) | {med(runs['r1mega'], 'perf/tokens_per_s'):.0f} | "
-        f"{med(runs['TRL'], 'perf/tokens_per_s'):.0f} |",
-        f"| peak GPU memory (nvidia-smi, GiB) | {stages.get('r1mega', {}).get('peak_gpu_mib', 0) / 1024:.1f} | "
-        f"{stages.get('trl', {}).get('peak_gpu_mib', 0) / 1024:.1f} |",
-        f"| steps / stage wall (s) | {len(runs['r1mega'])} / {stages.get('r1mega', {}).get('wall_s', 0):.0f} | "
-        f"{len(runs['TRL'])} / {stages.get('trl', {}).get('wall_s', 0):.0f} |",
-    ]  # fmt: skip
-    cold_g, cold_k = _eval(out, "eval_cold_greedy"), _eval(out, "eval_cold_k8")
-    lines += ["", "| GSM8K test (1319) | greedy acc | +- se | pass@1 (k=8) | format rate |", "|---|---|---|---|---|"]
-    for label, ck in (("cold start", "cold"), ("r1mega after", final["r1mega"]), ("TRL after", final["TRL"])):
-        g, k = (cold_g, cold_k) if ck == "cold" else (_eval(out, f"eval_{ck}_greedy"), _eval(out, f"eval_{ck}_k8"))
-        lines.append(f"| {label} | {g.get('pass@1', float('nan')):.4f} | {g.get('pass@1_se', float('nan')):.4f} | "
-                     f"{k.get('pass@1', float('nan')):.4f} | {g.get('format_rate', float('nan')):.3f} |")  # fmt: skip
-    table = "\n".join(lines)
-    (out / "e2e_table.md").write_text(table + "\n")
-    _plot(runs, out / "e2e_curves.png")
-    return table
-
-
-def _plot(runs: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [("reward/mean", "reward"), ("reward/accuracy", "train accuracy"),
-            ("response/length_mean", "response length"), ("train/kl", "KL to reference"),
-            ("rollout/logp_diff_mean", "|dlogp| engine vs trainer")]  # fmt: skip
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
-    for ax, (k, title) in zip(axes, keys):
-        for name, rows in runs.items():
-            pts = [(r["step"] if "step" in r else i + 1, r[k]) for i, r in enumerate(rows) if r.get(k) is not None]
-            if pts:
-                ax.plot(*zip(*pts), label=name)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
@@ -471,7 +290,8 @@ def main() -> None:
             print(f"{name}: {' '.join(cmd)}")
         return
     if args.trl_child:
-        run_trl(out, args.overrides)
+        cfg = compose([f"model.hf_path={out / 'cold'}", "sft.steps=0", *args.overrides])
+        run_trl(out, cfg, check_mapping(cfg, str(out / "trl")))
         return
     wanted = args.stage.split(",")  # stage groups (STAGES) or single stage names (eval_cold_greedy, ...)
     out.mkdir(parents=True, exist_ok=True)
