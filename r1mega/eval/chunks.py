@@ -80,9 +80,6 @@ class ChunkStore:
             f.flush()
             os.fsync(f.fileno())
 
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-
     def _line(self, chunk: int, samples: list[Sample], gen_s: float) -> str:
         rec = {"key": self.key, "chunk": chunk, "gen_s": gen_s, "samples": [list(astuple(s)) for s in samples]}
         return json.dumps(rec, ensure_ascii=False) + "\n"
