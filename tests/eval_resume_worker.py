@@ -29,7 +29,8 @@ def main() -> None:
             pass
         again = Engine(TEXTS[2:])
         evaluate(again, tok, scorer, SETS, _settings(), chunks_path=out)
-    print(json.dumps({"rank": rank, "calls": again.calls}), flush=True)
+    # a file per rank: the ranks' stdout share one pipe and their lines can interleave
+    (out.parent / f"calls.rank{rank}.json").write_text(json.dumps(again.calls))
     dist.destroy_process_group()
 
 
