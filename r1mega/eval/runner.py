@@ -21,6 +21,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from r1mega.data.tasks import Problem
 from r1mega.eval.chunks import ChunkStore, Sample, chunk_path, fingerprint
 from r1mega.eval.metrics import cons_at_k
@@ -172,18 +175,10 @@ def _resumable(chunks_path: str | Path | None, key: str, num_chunks: int, resume
         return None, []
     store = ChunkStore(chunk_path(chunks_path, _global_rank()), key)
     done = store.load()[:num_chunks] if resume else []
-    try:
-        import torch
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            n = torch.tensor([len(done)], dtype=torch.int64)
-            if dist.get_backend() == "nccl":
-                n = n.cuda()
-            dist.all_reduce(n, op=dist.ReduceOp.MIN)
-            done = done[: int(n.item())]
-    except ImportError:
-        pass
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        n = torch.tensor([len(done)], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)
+        done = done[: int(n.item())]
     store.reset(done)
     return store, done
 
@@ -210,12 +205,7 @@ def _run_chunk(engine, tokenizer, scorer, settings: EvalSettings, c: int, prompt
 
 
 def _global_rank() -> int:
-    try:
-        import torch.distributed as dist
-
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    except ImportError:
-        return 0
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def remove_chunks(results_path: str | Path) -> None:
@@ -313,8 +303,6 @@ def evaluate(
         )
     generated = sum(x.length for x in samples)
     if dp_size > 1:
-        import torch.distributed as dist
-
         shards: list = [None] * dp_size
         dist.all_gather_object(shards, (results, generated, gen_s), group=dp_group)
         results = [r for shard in shards for r in shard[0]]
