@@ -49,7 +49,7 @@ eval.save_responses=false logging.out_dir=$L/$1"                               #
     eval_cmp_sglang|eval_cmp_megatron)
       local eng=${1#eval_cmp_} lim=64 bs=1024 g=""; [ "$s" = 1 ] && lim=16; [ $eng = megatron ] && bs=512  # 1600 answers did not fit 170 s
       [ $eng = sglang ] && g="rollout.cuda_graph_max_bs=1024"  # decode graphs up to the batch (SGLang's own cap: 256)
-      echo "$ev rollout=$eng rollout.max_batch_size=$bs $g eval.sets=[gsm8k] eval.k=16 eval.limit=$lim eval.max_new_tokens=512 eval.chunk_problems=2000 logging.wandb_mode=disabled" ;;
+      echo "$ev rollout=$eng rollout.max_batch_size=$bs $g eval.sets=[gsm8k] eval.k=16 eval.limit=$lim eval.max_new_tokens=512 eval.chunk_problems=2000 eval.extract=last_number logging.wandb_mode=disabled" ;;  # last number: a pass@1 above 0 to compare
     eval_cmp) echo "python3 tools/compare_eval_engines.py $L/eval_cmp_megatron/eval.json $L/eval_cmp_sglang/eval.json --labels megatron sglang" ;;
     bench_step)
       if [ "$s" = 1 ]; then echo "python3 -u tools/bench_train_step.py --models qwen3,dsv3 --precisions bf16,fp8 --layers 1 --steps 1 --tokens 16384 --no-logprob"
