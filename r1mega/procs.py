@@ -26,6 +26,8 @@ import signal
 import sys
 from collections.abc import Iterator
 
+import psutil
+
 _PR_SET_PDEATHSIG = 1
 _fork_parent: int | None = None  # pid whose forked children must die with it (set by children_die_with_parent)
 
@@ -75,3 +77,35 @@ def children_die_with_parent() -> Iterator[None]:
         yield
     finally:
         _fork_parent = previous
+
+
+@contextlib.contextmanager
+def started_here() -> Iterator[set[int]]:
+    """The pids of the processes (and their descendants) alive at the end of the block that were not before it.
+
+    SGLang's ``Engine.shutdown`` kills *every* descendant of the caller (``kill_process_tree(os.getpid())``): the
+    wandb service, reward workers, a loky pool. The set this yields is what it may kill instead (its schedulers and
+    detokenizer, started in the block)."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    started: set[int] = set()
+    try:
+        yield started
+    finally:
+        started.update(p.pid for p in me.children(recursive=True) if p.pid not in before)
+
+
+def kill_trees(pids: set[int], timeout: float | None = None) -> None:
+    """SIGKILL ``pids`` and everything below them, then wait up to ``timeout`` s until all are reaped (a CUDA
+    context is freed only then); raises ``RuntimeError`` naming the survivors."""
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(pid)
+            procs += [root, *root.children(recursive=True)]
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    if alive:
+        raise RuntimeError(f"processes {[p.pid for p in alive]} still alive {timeout} s after SIGKILL")

@@ -164,6 +164,14 @@ class Tracker:
                 wandb.teardown()
 
     def finish(self) -> None:
+        """Close metrics.jsonl and the wandb run, and stop wandb's service now: SGLang's shutdown kills every child
+        process of ours (``kill_process_tree``), and wandb's atexit teardown would then fail on the dead service."""
         if self.enabled:
             self._jsonl.close()
             self._wandb(lambda run: run.finish())
+            if self.run is not None:
+                import wandb
+
+                with contextlib.suppress(Exception):
+                    wandb.teardown()
+                self.run = None

@@ -40,9 +40,7 @@ def test_sglang_path_runs_against_a_fake_sglang(smollm2, tmp_path, monkeypatch):
     of tests/test_sglang_engine.py: its answers and log-probs are made up, so only the plumbing is checked."""
     from tests.test_sglang_engine import FakeEngine, install_fake_sglang
 
-    for name in ("sglang", "sglang.srt.utils", "sglang.srt.weight_sync.tensor_bucket"):
-        monkeypatch.setitem(sys.modules, name, None)
-    install_fake_sglang()
+    install_fake_sglang(monkeypatch)
     args = argparse.Namespace(hf_dir=None, family="llama", tokenizer_from=smollm2, wide=False, engine="sglang",
                               prompts=2, new_tokens=4, bench_gen=True, group=2, gen_tokens=4, json=None, floor=False,
                               overrides=["data.template=chat"])  # fmt: skip

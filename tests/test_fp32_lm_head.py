@@ -71,13 +71,11 @@ def test_fp32_head_matches_fp64_better_than_bf16(runtime):
 
 
 def test_sglang_gets_enable_fp32_lm_head(runtime, monkeypatch):
-    import sys
 
     from r1mega.data.tokenizer import CharTokenizer
     from tests.test_sglang_engine import FakeEngine, install_fake_sglang, make_policy, small_config
 
-    monkeypatch.setitem(sys.modules, "sglang", None)
-    install_fake_sglang()
+    install_fake_sglang(monkeypatch)
     from r1mega.rollout.sglang_engine import SGLangRolloutEngine
 
     cfg, tok = small_config(), CharTokenizer()

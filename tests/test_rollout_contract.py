@@ -10,8 +10,6 @@ Rollout.routed_experts is not part of the contract: megatron's static engine doe
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
@@ -88,8 +86,7 @@ def world(runtime, monkeypatch, request):
 
     name = request.param
     if name == "sglang":
-        monkeypatch.setitem(sys.modules, "sglang", None)  # restored after the test
-        install_fake_sglang()
+        install_fake_sglang(monkeypatch)  # restored after the test
     cfg, tok = small_config(), CharTokenizer()
     cfg.rollout = SETTINGS[name]
     model = build_gpt_model(cfg.model, cfg.parallel, cfg.train, tok.vocab_size, torch.device("cpu"))

@@ -12,11 +12,14 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import pickle
+import subprocess
 import sys
 import types
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -33,6 +36,7 @@ class FakeEngine:
     """Records calls; raises where SGLang would fail or silently misbehave."""
 
     instances: list[FakeEngine] = []
+    spawn_scheduler = False
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
@@ -45,6 +49,8 @@ class FakeEngine:
         self.drop: set[str] = set()  # names this fake SGLang has no parameter for
         if kwargs.get("load_format", "auto") != "dummy":  # a standalone engine reads its weights from model_path
             self.loaded["<from disk>"] = torch.zeros(1)
+        if FakeEngine.spawn_scheduler:  # a stand-in for SGLang's scheduler process, started by the engine
+            self.scheduler = subprocess.Popen(["sleep", "120"])
         FakeEngine.instances.append(self)
 
     def release_memory_occupation(self, tags=None):
@@ -111,7 +117,10 @@ class FakeEngine:
         return outs
 
     def shutdown(self):
+        """As sglang 0.5.17's Engine.shutdown: ends with kill_process_tree over *every* descendant of the caller."""
         self.calls.append(("shutdown", None))
+        engine_module = sys.modules["sglang.srt.entrypoints.engine"]
+        engine_module.kill_process_tree(os.getpid(), include_parent=False, wait_timeout=60)
 
 
 EOS = CharTokenizer().eos_id
@@ -175,11 +184,29 @@ class FakeSerializer:
         return pickle.loads(base64.b64decode(data) if isinstance(data, str) else data)
 
 
-def install_fake_sglang() -> None:
+def install_fake_sglang(monkeypatch: pytest.MonkeyPatch | None) -> None:
+    """The fake ``sglang`` modules in sys.modules: for one test (monkeypatch restores what was there), or for the
+    rest of the process (None: a spawned rank)."""
     FakeEngine.instances.clear()
-    sys.modules["sglang"] = types.SimpleNamespace(Engine=FakeEngine, __version__="fake")
-    sys.modules["sglang.srt.utils"] = types.SimpleNamespace(MultiprocessingSerializer=FakeSerializer)
-    sys.modules["sglang.srt.weight_sync.tensor_bucket"] = types.SimpleNamespace(FlattenedTensorBucket=FakeBucket)
+    fakes = {
+        "sglang": types.SimpleNamespace(Engine=FakeEngine, __version__="fake"),
+        "sglang.srt.utils": types.SimpleNamespace(MultiprocessingSerializer=FakeSerializer),
+        "sglang.srt.weight_sync.tensor_bucket": types.SimpleNamespace(FlattenedTensorBucket=FakeBucket),
+        "sglang.srt.entrypoints.engine": types.SimpleNamespace(kill_process_tree=kill_every_descendant),
+    }
+    for name, module in fakes.items():
+        if monkeypatch is None:
+            sys.modules[name] = module
+        else:
+            monkeypatch.setitem(sys.modules, name, module)
+
+
+def kill_every_descendant(parent_pid, include_parent=True, skip_pid=None, wait_timeout=None):
+    """sglang.srt.utils.kill_process_tree as 0.5.17 writes it (the branches the engine takes)."""
+    procs = psutil.Process(parent_pid).children(recursive=True)
+    for p in procs:
+        p.kill()
+    psutil.wait_procs(procs, timeout=wait_timeout)
 
 
 def small_config(tp: int = 1, ep: int = 1) -> Config:
@@ -217,9 +244,7 @@ def runtime():
 
 @pytest.fixture
 def setup(runtime, monkeypatch):
-    for name in ("sglang", "sglang.srt.utils", "sglang.srt.weight_sync.tensor_bucket"):
-        monkeypatch.setitem(sys.modules, name, None)  # replaced below; restored after the test
-    install_fake_sglang()
+    install_fake_sglang(monkeypatch)
     from r1mega.rollout.sglang_engine import SGLangRolloutEngine
 
     cfg, tok = small_config(), CharTokenizer()
@@ -369,6 +394,31 @@ def test_shutdown_and_layout_checks(setup):
         SGLangRolloutEngine(bad, policy, tok)
 
 
+def test_shutdown_kills_only_the_engines_processes(runtime, monkeypatch):
+    """SGLang's Engine.shutdown kills every descendant of the trainer (kill_process_tree(os.getpid())): it took the
+    wandb service with it on the H200 (the run never closed) and the reward workers. Ours confines it to the
+    processes SGLang started, before and after which the trainer's own children live on."""
+    install_fake_sglang(monkeypatch)
+    monkeypatch.setattr(FakeEngine, "spawn_scheduler", True)
+    from r1mega.rollout.sglang_engine import SGLangRolloutEngine
+
+    cfg, tok = small_config(), CharTokenizer()
+    policy = make_policy(cfg, tok)
+    before = subprocess.Popen(["sleep", "120"])  # e.g. wandb's service
+    try:
+        engine = SGLangRolloutEngine(cfg, policy, tok)
+        scheduler = FakeEngine.instances[-1].scheduler
+        after = subprocess.Popen(["sleep", "120"])  # e.g. a reward worker started on the first batch
+        try:
+            engine.shutdown()
+            assert not psutil.pid_exists(scheduler.pid)  # `sleep 120` killed and reaped (by kill_trees' wait)
+            assert before.poll() is None and after.poll() is None
+        finally:
+            after.kill()
+    finally:
+        before.kill()
+
+
 def test_build_engine_picks_sglang(setup, monkeypatch):
     from r1mega.rollout import build_rollout_engine
     from r1mega.rollout.sglang_engine import SGLangRolloutEngine
@@ -396,7 +446,7 @@ def _worker(out: Path) -> None:
     from r1mega.parallel.runtime import init_runtime, shutdown_runtime
 
     torch.set_num_threads(1)
-    install_fake_sglang()
+    install_fake_sglang(None)
     from r1mega.rollout.sglang_engine import SGLangRolloutEngine
 
     cfg, tok = small_config(tp=2), CharTokenizer()

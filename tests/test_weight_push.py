@@ -5,8 +5,6 @@ the routed-experts return."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
@@ -19,9 +17,7 @@ from tests.test_sglang_engine import FakeEngine, install_fake_sglang, make_polic
 
 @pytest.fixture
 def fake(monkeypatch):
-    for name in ("sglang", "sglang.srt.utils", "sglang.srt.weight_sync.tensor_bucket"):
-        monkeypatch.setitem(sys.modules, name, None)
-    install_fake_sglang()
+    install_fake_sglang(monkeypatch)
 
 
 def _nbytes(bucket):

@@ -74,6 +74,7 @@ from megatron.core import parallel_state
 
 from r1mega.config import Config, SGLangRolloutConfig
 from r1mega.model.hf_export import hf_architecture, hf_config_from_model_config
+from r1mega.procs import kill_trees, started_here
 from r1mega.rollout.base import Rollout, SamplingParams, WeightSource
 from r1mega.rollout.sglang_io import request_seed, sampling_dict, scored_logprobs, to_rollout
 from r1mega.rollout.weight_push import PushStats, flattened_payloads, plan_buckets, timed
@@ -154,6 +155,7 @@ class SGLangRolloutEngine:
             self._dp_rank = parallel_state.get_data_parallel_rank()
         self.is_owner = self._tp_group is None or dist.get_rank(self._tp_group) == 0
         self._engine = None
+        self._engine_pids: set[int] = set()
         self._model_dir: Optional[Path] = None
         self._released: set[str] = set()
         self._weights_synced = False
@@ -225,7 +227,8 @@ class SGLangRolloutEngine:
             kwargs["enable_fp32_lm_head"] = True
         kwargs.update(self.engine_kwargs)
         self.engine_args = kwargs  # what the server was started with (tools/compare_trainer_engine.py reuses them)
-        self._engine = sgl.Engine(**kwargs)
+        with started_here() as self._engine_pids:  # its schedulers + detokenizer: what shutdown() may kill
+            self._engine = sgl.Engine(**kwargs)
 
     # ------------------------------------------------------------------------------ memory
     def _release(self, tags: list[str]) -> None:
@@ -392,8 +395,19 @@ class SGLangRolloutEngine:
         return out
 
     def shutdown(self) -> None:
-        if self._engine is not None:
-            self._engine.shutdown()
+        if self._engine is not None:  # SGLang's own shutdown, its kill_process_tree confined to its own processes
+            import atexit
+            import importlib
+            from unittest import mock
+
+            sgl_engine = importlib.import_module("sglang.srt.entrypoints.engine")
+
+            def kill_own(*_args, wait_timeout: Optional[float] = None, **_kw) -> None:
+                kill_trees(self._engine_pids, wait_timeout)
+
+            with mock.patch.object(sgl_engine, "kill_process_tree", kill_own):
+                self._engine.shutdown()
+            atexit.unregister(self._engine.shutdown)  # it registered itself: no unconfined second kill at exit
             self._engine = None
         if self._model_dir is not None:
             shutil.rmtree(self._model_dir, ignore_errors=True)
