@@ -1,11 +1,7 @@
 """Rollouts from SGLang, colocated on the trainer's GPUs; weights pushed in memory after each update.
 
-STATUS: runs colocated GRPO on the H200 (docs/perf/sglang.md, 2026-12-02): SmolLM2-135M (Llama architecture),
-SFT + 8 GRPO steps with push, release / resume and read-back every step, mean |log pi_SGLang - log pi_trainer|
-0.020 per token with the LM head in fp32 on both sides (issue 10's bound is 0.01; NeMo-RL's token_mult_prob_error
-1.021 < 1.05). The MoE and MLA families are tested on the CPU against a fake ``sglang`` module
-(tests/test_sglang_engine.py, tests/test_weight_push.py) and their layouts against transformers
-(tests/test_hf_export.py); on the GPU they are not measured yet (tools/compare_trainer_engine.py).
+STATUS (H200, docs/perf/sglang.md): 20-step colocated GRPO on SmolLM2-135M; engine vs trainer mean |Δlogp|
+0.020-0.027 (dense) and 0.013-0.016 (Qwen3-MoE, DeepSeek-V3 with routing replay), at SGLang's own bf16 floor.
 
 Layout (one SGLang engine per trainer TP group):
 
@@ -53,8 +49,7 @@ from the engine if given, else NaN). Log-probs are SGLang's default: of the temp
 distribution before top-k / top-p truncation, which is what the trainer recomputes with
 ``rollout.sampling.temperature``. Seeds: each request gets its own ``sampling_seed`` (from the call's
 seed, the DP rank and the request index: the G copies of a prompt must not sample alike); SGLang honours
-it only with ``enable_deterministic_inference=True`` (pass it in ``engine_kwargs``), otherwise sampling
-is not reproducible (``rollout.deterministic=true`` turns it on).
+it only under deterministic inference (``rollout.deterministic=true``).
 """
 
 from __future__ import annotations
