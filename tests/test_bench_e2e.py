@@ -84,6 +84,17 @@ def test_dry_run_composes_the_preset_and_prints_the_stages(tmp_path):
     for name in ("r1mega:", "trl:", "eval_cold_greedy:", "eval_trl_final_k8:"):
         assert f"\n{name} " in "\n" + stages
     assert f"train.export_hf_dir={tmp_path / 'cold'}" in stages and "+preset=smollm2_gsm8k" in stages
+    lines = {line.split(": ", 1)[0]: line for line in ("cold: " + stages).splitlines()}
+    for name in ("r1mega", "trl"):  # the preset's 20 minutes, capped inside the 570 s stage: (570 - 150) s
+        assert lines[name].endswith("train.max_minutes=7.00"), lines[name]
+    assert "max_minutes" not in lines["cold"] + lines["eval_cold_k8"]
+
+
+def test_rl_minutes_caps_inside_the_stage_timeout():
+    assert bench.rl_minutes(20.0, 570) == pytest.approx(7.0)
+    assert bench.rl_minutes(3.0, 570) == 3.0  # a shorter config limit stands
+    assert bench.rl_minutes(0.0, 570) == pytest.approx(7.0)  # none: the cap
+    assert bench.rl_minutes(20.0, 100) == 1.0  # never below a minute
 
 
 def test_report_table_and_curves_from_run_logs(tmp_path):
@@ -119,7 +130,8 @@ def test_report_table_and_curves_from_run_logs(tmp_path):
 @needs_hf_path
 def test_trl_stage_runs_on_cpu_from_a_tiny_llama(tmp_path):
     """TRL's side end to end on the CPU (where TRL + datasets are importable): the same prompts, r1mega's rewards,
-    one optimizer step of 2 prompts x 2 completions, the saved model reloads."""
+    an optimizer step of 2 prompts x 2 completions, stopped after it by train.max_minutes (of 3 steps), the saved
+    model reloads."""
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
     from transformers import AutoModelForCausalLM
@@ -127,9 +139,9 @@ def test_trl_stage_runs_on_cpu_from_a_tiny_llama(tmp_path):
     from tests.chatml_tokenizer import build_tiny_llama
 
     build_tiny_llama(tmp_path / "cold")
-    extra = ["train.precision=fp32", "train.steps=1", "rollout.prompts_per_step=2", "algo.group_size=2",
-             "rollout.sampling.max_new_tokens=8", "train.micro_batch_size=4", "reward.num_workers=1",
-             "sft.num_examples=64", "optim.warmup_steps=0"]  # fmt: skip
+    extra = ["train.precision=fp32", "train.steps=3", "train.max_minutes=0.0001", "rollout.prompts_per_step=2",
+             "algo.group_size=2", "rollout.sampling.max_new_tokens=8", "train.micro_batch_size=4",
+             "reward.num_workers=1", "sft.num_examples=64", "optim.warmup_steps=0"]  # fmt: skip
     env = {**os.environ, "GSM8K_DIR": "/work/shared/data/gsm8k", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(TOOL), "--trl-child", "--out", str(tmp_path), "--", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

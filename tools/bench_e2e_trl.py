@@ -219,8 +219,14 @@ def run_stage(name: str, cmd: list[str], out: Path, timeout: int) -> dict[str, A
     return info
 
 
-def r1mega_cmds(out: Path, extra: list[str]) -> dict[str, list[str]]:
+START_S = 150  # a training stage's time outside its RL loop: imports, model build, SGLang start, evals, export
+
+
+def r1mega_cmds(out: Path, extra: list[str], rl_minutes: float | None = None) -> dict[str, list[str]]:
+    """Every stage's command. ``rl_minutes``: ``train.max_minutes`` of the r1mega and TRL runs (both stop
+    gracefully and export at it: a stage killed by its timeout would leave no checkpoint to evaluate)."""
     py, train = sys.executable, [sys.executable, "-m", "r1mega.train", *PRESET]
+    cap = [] if rl_minutes is None else [f"train.max_minutes={rl_minutes:.2f}"]
     evals = {}
     for ck in ("cold", "r1mega_final", "trl_final"):
         common = [*PRESET, f"model.hf_path={out / ck}", "sft.steps=0", "eval.sets=[gsm8k]", "rollout=sglang"]
@@ -245,10 +251,18 @@ def r1mega_cmds(out: Path, extra: list[str]) -> dict[str, list[str]]:
             f"train.export_hf_dir={out / 'r1mega_final'}",
             f"logging.out_dir={out / 'r1mega'}",
             *extra,
+            *cap,
         ],  # fmt: skip
-        "trl": [py, __file__, "--trl-child", "--out", str(out), "--", *extra],
+        "trl": [py, __file__, "--trl-child", "--out", str(out), "--", *extra, *cap],
         **evals,
     }
+
+
+def rl_minutes(max_minutes: float, timeout_s: int) -> float:
+    """The RL wall-time limit of a training stage: the config's ``train.max_minutes`` (0: none), capped so that the
+    run stops by itself inside the stage's ``--timeout``."""
+    cap = max(1.0, (timeout_s - START_S) / 60)
+    return min(max_minutes, cap) if max_minutes else cap
 
 
 def copy_results(out: Path, dest: Path) -> Path:
@@ -286,7 +300,7 @@ def main() -> None:
         cfg = compose([f"model.hf_path={os.environ.get('SMOLLM2_HF', out / 'cold')}", *args.overrides])
         kw = check_mapping(cfg, str(out / "trl"))
         print(json.dumps({"trl_grpo_config": kw, "r1mega": r1mega_from_trl(kw)}, indent=1, default=str))
-        for name, cmd in r1mega_cmds(out, args.overrides).items():
+        for name, cmd in r1mega_cmds(out, args.overrides, rl_minutes(cfg.train.max_minutes, args.timeout)).items():
             print(f"{name}: {' '.join(cmd)}")
         return
     if args.trl_child:
@@ -298,10 +312,11 @@ def main() -> None:
     if wanted == ["report"]:  # on the CPU, from the files a device command brought back
         print(report(out, json.loads((out / "stages.json").read_text()) if (out / "stages.json").is_file() else {}))
         return
-    check_mapping(compose([f"model.hf_path={os.environ.get('SMOLLM2_HF', '')}", *args.overrides]))  # before the GPU
+    cfg = compose([f"model.hf_path={os.environ.get('SMOLLM2_HF', '')}", *args.overrides])
+    check_mapping(cfg)  # before the GPU
     info_path = out / "stages.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    cmds = r1mega_cmds(out, args.overrides)
+    cmds = r1mega_cmds(out, args.overrides, rl_minutes(cfg.train.max_minutes, args.timeout))
     for name in [n for n in cmds if n in wanted or (n.startswith("eval_") and "eval" in wanted)]:
         try:
             info[name] = run_stage(name, cmds[name], out, args.timeout)

@@ -120,9 +120,24 @@ def run_trl(out: Path, cfg, kw: dict[str, Any]) -> None:
             with open(log_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    class StopAfter(TrainerCallback):
+        """r1mega's ``train.max_minutes`` for TRL: stop after the step that passes it, so the model is still saved
+        (bench_e2e_trl caps it below the stage's hard timeout; TRL has no wall-time limit of its own)."""
+
+        started = 0.0
+
+        def on_train_begin(self, args, state, control, **_):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **_):
+            limit = cfg.train.max_minutes
+            if limit and (time.perf_counter() - self.started) / 60 > limit:
+                print(f"train.max_minutes={limit} reached after step {state.global_step}", flush=True)
+                control.should_training_stop = True
+
     trainer = Timed(
         model=model, reward_funcs=[r1_rules], args=GRPOConfig(**kw), train_dataset=data, processing_class=tok,
-        callbacks=[Log()],
+        callbacks=[Log(), StopAfter()],
     )  # fmt: skip
     try:
         trainer.train()
