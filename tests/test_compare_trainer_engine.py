@@ -6,9 +6,11 @@ candidate is SGLang (docs/perf/sglang.md)."""
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -35,12 +37,17 @@ def test_megatron_against_itself(family, smollm2, tmp_path):
     assert (tmp_path / "s.json").exists()
 
 
-def test_sglang_path_runs_against_a_fake_sglang(smollm2, tmp_path, monkeypatch):
+def test_sglang_path_runs_against_a_fake_sglang(smollm2, tmp_path, monkeypatch, request):
     """The SGLang side of the tool (push, release / resume, the standalone-engine benchmark) on the fake ``sglang``
-    of tests/test_sglang_engine.py: its answers and log-probs are made up, so only the plumbing is checked."""
+    of tests/test_sglang_engine.py: its answers and log-probs are made up, so only the plumbing is checked. Both
+    engines' shutdowns stay confined to their own processes: an unconfined one here killed megatron's checkpoint
+    results queue (a Manager process of pytest's), and every later checkpoint save in CI failed on a broken pipe."""
     from tests.test_sglang_engine import FakeEngine, install_fake_sglang
 
     install_fake_sglang(monkeypatch)
+    monkeypatch.setattr(FakeEngine, "spawn_scheduler", True)
+    bystander = subprocess.Popen(["sleep", "120"])  # a child of the caller SGLang did not start
+    request.addfinalizer(bystander.kill)
     args = argparse.Namespace(hf_dir=None, family="llama", tokenizer_from=smollm2, wide=False, engine="sglang",
                               prompts=2, new_tokens=4, bench_gen=True, group=2, gen_tokens=4, json=None, floor=False,
                               overrides=["data.template=chat"])  # fmt: skip
@@ -54,6 +61,7 @@ def test_sglang_path_runs_against_a_fake_sglang(smollm2, tmp_path, monkeypatch):
     ours, standalone = FakeEngine.instances[0], FakeEngine.instances[-1]
     assert ours.kwargs["load_format"] == "dummy" and standalone.kwargs["model_path"] != ours.kwargs["model_path"]
     assert "enable_memory_saver" not in standalone.kwargs and standalone.kwargs["port"] == ours.kwargs["port"] + 50
+    assert bystander.poll() is None and not any(psutil.pid_exists(e.scheduler.pid) for e in FakeEngine.instances)
 
 
 def test_bf16_floor_tool(smollm2, tmp_path):

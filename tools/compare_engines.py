@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from r1mega.rollout.sglang_server import shutdown_engine, start_engine  # no SGLang import until an engine starts
+
 # ----------------------------------------------------------------------------- tiny random HF models
 
 FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3")
@@ -257,8 +259,6 @@ def hf_tensors(model) -> list[tuple[str, torch.Tensor]]:
 
 
 def start_sglang(hf_dir: Path, load: str, dump_dir: Path | None, extra: dict):
-    import sglang as sgl
-
     kw = dict(model_path=str(hf_dir), dtype="bfloat16", skip_tokenizer_init=True, attention_backend="triton",
               sampling_backend="pytorch", disable_cuda_graph=True, disable_radix_cache=True,
               mem_fraction_static=0.3, random_seed=0, log_level="error",
@@ -266,7 +266,7 @@ def start_sglang(hf_dir: Path, load: str, dump_dir: Path | None, extra: dict):
     if dump_dir is not None:
         kw["debug_tensor_dump_output_folder"] = str(dump_dir)
     kw.update(extra)
-    return sgl.Engine(**kw)
+    return start_engine(**kw)
 
 
 def push(engine, named: list[tuple[str, torch.Tensor]], bucket_bytes: int = 512 << 20) -> None:
@@ -466,7 +466,7 @@ def _main(args) -> int:
                 f.unlink()
         summary["after_push"] = evaluate(model, engine, prompts, greedy_prompts, args, dump_dir, "after change+push")
     finally:
-        engine.shutdown()
+        shutdown_engine(engine)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
     return 0

@@ -208,10 +208,9 @@ def bench_generation(
     """Tokens/s of r1mega's SGLang engine vs a standalone ``sglang.Engine`` with the same server settings on the
     same HF folder (its own loader, no memory saver), same prompts x G and sampling settings. Ours first (it is
     then shut down to free the GPU); each side gets one untimed warm-up call."""
-    import sglang as sgl
-
     from r1mega.rollout.base import SamplingParams
     from r1mega.rollout.sglang_io import request_seed, sampling_dict
+    from r1mega.rollout.sglang_server import shutdown_engine, start_engine
 
     reqs = [p for p in prompts for _ in range(group)]
     sp = SamplingParams(1.0, 1.0, 0, new_tokens, seed=seed)
@@ -227,7 +226,7 @@ def bench_generation(
     for k in ("load_format", "enable_memory_saver", "model_path"):
         kw.pop(k, None)
     kw["port"] = kw.get("port", 30000) + 50  # ours may still hold its ports for a moment
-    eng = sgl.Engine(model_path=str(hf_dir), **kw)
+    eng = start_engine(model_path=str(hf_dir), **kw)
     try:
         eos = int(s.tok.eos_id)
         params = [sampling_dict(sp, eos, request_seed(seed, 0, i)) for i in range(len(reqs))]
@@ -236,7 +235,7 @@ def bench_generation(
         res = eng.generate(input_ids=reqs, sampling_params=params, return_logprob=True)
         base_s = time.perf_counter() - t0
     finally:
-        eng.shutdown()
+        shutdown_engine(eng)
     base_tok = sum(len(r["output_ids"]) for r in res)
     return {"requests": len(reqs), "ours_tokens": ours_tok, "ours_s": ours_s, "ours_tok_s": ours_tok / ours_s,
             "standalone_tokens": base_tok, "standalone_s": base_s, "standalone_tok_s": base_tok / base_s,

@@ -69,9 +69,9 @@ from megatron.core import parallel_state
 
 from r1mega.config import Config, SGLangRolloutConfig
 from r1mega.model.hf_export import hf_architecture, hf_config_from_model_config
-from r1mega.procs import kill_trees, started_here
 from r1mega.rollout.base import Rollout, SamplingParams, WeightSource
 from r1mega.rollout.sglang_io import request_seed, sampling_dict, scored_logprobs, to_rollout
+from r1mega.rollout.sglang_server import import_sglang, shutdown_engine, start_engine
 from r1mega.rollout.weight_push import PushStats, flattened_payloads, plan_buckets, timed
 
 log = logging.getLogger(__name__)
@@ -83,14 +83,6 @@ VERIFY_SAMPLES = 16
 
 WEIGHTS, KV_CACHE, CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"
 ALL_TAGS = (KV_CACHE, WEIGHTS, CUDA_GRAPH)  # sglang.srt.constants.GPU_MEMORY_ALL_TYPES
-
-
-def _import_sglang():
-    try:
-        import sglang
-    except ImportError as e:  # never part of the CPU install: the `sglang` extra, on the GPU machine
-        raise ImportError("rollout=sglang needs SGLang (pip install 'r1mega[sglang]', GPU only)") from e
-    return sglang
 
 
 def _check_loaded(result: Any) -> None:
@@ -150,7 +142,6 @@ class SGLangRolloutEngine:
             self._dp_rank = parallel_state.get_data_parallel_rank()
         self.is_owner = self._tp_group is None or dist.get_rank(self._tp_group) == 0
         self._engine = None
-        self._engine_pids: set[int] = set()
         self._model_dir: Optional[Path] = None
         self._released: set[str] = set()
         self._weights_synced = False
@@ -183,7 +174,7 @@ class SGLangRolloutEngine:
         return gpu0
 
     def _start(self, base_gpu: int) -> None:
-        sgl = _import_sglang()
+        import_sglang()  # a clear error before the HF config is written
         hf = hf_config_from_model_config(
             self.cfg.model,
             self.weights.vocab_size,
@@ -222,8 +213,7 @@ class SGLangRolloutEngine:
             kwargs["enable_fp32_lm_head"] = True
         kwargs.update(self.engine_kwargs)
         self.engine_args = kwargs  # what the server was started with (tools/compare_trainer_engine.py reuses them)
-        with started_here() as self._engine_pids:  # its schedulers + detokenizer: what shutdown() may kill
-            self._engine = sgl.Engine(**kwargs)
+        self._engine = start_engine(**kwargs)
 
     # ------------------------------------------------------------------------------ memory
     def _release(self, tags: list[str]) -> None:
@@ -390,19 +380,8 @@ class SGLangRolloutEngine:
         return out
 
     def shutdown(self) -> None:
-        if self._engine is not None:  # SGLang's own shutdown, its kill_process_tree confined to its own processes
-            import atexit
-            import importlib
-            from unittest import mock
-
-            sgl_engine = importlib.import_module("sglang.srt.entrypoints.engine")
-
-            def kill_own(*_args, wait_timeout: Optional[float] = None, **_kw) -> None:
-                kill_trees(self._engine_pids, wait_timeout)
-
-            with mock.patch.object(sgl_engine, "kill_process_tree", kill_own):
-                self._engine.shutdown()
-            atexit.unregister(self._engine.shutdown)  # it registered itself: no unconfined second kill at exit
+        if self._engine is not None:  # confined to SGLang's own processes (sglang_server.py says why)
+            shutdown_engine(self._engine)
             self._engine = None
         if self._model_dir is not None:
             shutil.rmtree(self._model_dir, ignore_errors=True)
