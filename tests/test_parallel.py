@@ -73,11 +73,12 @@ def padded_reference(tmp_path_factory):
     return tmp, json.loads((tmp / "ws1.json").read_text())
 
 
-@pytest.mark.parametrize("layout,nproc", [("ws1", 1), ("pp2", 2), ("ep2", 2)])
+@pytest.mark.parametrize("layout,nproc", [("ws1", 1), ("pp2", 2), ("ep2", 2), ("tp2", 2)])
 def test_packed_matches_padded(padded_reference, layout, nproc):
     """Sequence packing (THD, 40-token microbatches of 1-3 answers) gives the padded batch's log-probs, loss,
     gradient norm and update. pp2: every microbatch padded to one shape; ep2: both DP ranks agree on the
-    microbatch count (the experts' all-to-alls)."""
+    microbatch count (the experts' all-to-alls); tp2: sequence parallelism splits the packed tokens (each
+    microbatch padded to a multiple of TP)."""
     tmp, ref = padded_reference
     out = tmp / f"{layout}_packed.json"
     args = ["--layout", layout, "--ckpt", str(tmp / "ckpt"), "--out", str(out)]
