@@ -305,6 +305,9 @@ class TrainConfig:
     # sequence packing (THD, r1mega/packing.py): microbatches of about this many tokens; 0 = padded row microbatches
     max_tokens_per_microbatch: Optional[int] = 0
     fused_lm_head: bool = False  # log-prob passes: fused linear + log-prob kernel on GPU, no [T, V] logits
+    # the training pass too: chunked linear + log-prob with its own backward (r1mega/grpo/fused_lm_head.py), no
+    # [T, V] logits or gradient; one more T*H*V matmul; needs an objective with loss_from_logprobs (GRPO, SFT)
+    fused_lm_head_train: bool = False
     recompute_granularity: Optional[str] = None  # megatron activation recompute: None | selective | full
     recompute_method: Optional[str] = None  # full only: uniform | block
     recompute_num_layers: Optional[int] = None  # full only: layers per chunk (uniform) / recomputed (block)

@@ -27,6 +27,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from r1mega import packing
 from r1mega.batch import TokenBatch
 from r1mega.config import Config
+from r1mega.grpo.fused_lm_head import check_objective, linear_token_logprobs
 from r1mega.grpo.logprobs import (
     choose_logprob_impl,
     fused_token_logprobs,
@@ -288,8 +289,16 @@ class MegatronEngine:
         if not self.reduce_metrics({"tokens": float(batch.mask.sum())})["tokens"]:
             return {"skipped": 1.0}
 
-        def loss_fn(mb, logits):
-            loss_sum, denom, metrics = objective.loss(mb, logits)
+        fused = self.cfg.train.fused_lm_head_train  # the model returns hidden states; logits only per chunk
+        check_objective(objective, fused)
+
+        def loss_fn(mb, out):
+            if fused:
+                w, targets = output_weight(self.model), mb["tokens"][:, 1:]
+                logp, ent = linear_token_logprobs(out[:, :-1], w, targets, objective.temperature)
+                loss_sum, denom, metrics = objective.loss_from_logprobs(mb, logp, ent)
+            else:
+                loss_sum, denom, metrics = objective.loss(mb, out)
             metrics = {**metrics, "loss_sum": loss_sum.detach(), "denom": denom}
             return loss_sum, denom.to(torch.int), metrics
 
@@ -297,7 +306,8 @@ class MegatronEngine:
             g["lr"] = lr
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outs = self._run(self.ddp, self._microbatches(batch), loss_fn, forward_only=False)
+        with hidden_states_out(self.model) if fused else contextlib.nullcontext():
+            outs = self._run(self.ddp, self._microbatches(batch), loss_fn, forward_only=False)
         ok, grad_norm = self._step_if_finite(outs)
         sums = {k: sum(float(o[k]) for o in outs) for k in outs[0]} if outs else {}
         sums = self.reduce_metrics(sums)

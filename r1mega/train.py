@@ -41,6 +41,7 @@ def run(cfg) -> dict[str, float]:
     and the teardown) when a stop signal or ``train.max_bad_steps`` ended the loop early.
     """
     from r1mega.config import validate
+    from r1mega.grpo.fused_lm_head import check_objective
     from r1mega.model.hf_io import maybe_export_hf
     from r1mega.model.hf_load import resolve_model_config
     from r1mega.parallel.runtime import dist_env_from_environ, init_runtime, shutdown_runtime
@@ -53,7 +54,8 @@ def run(cfg) -> dict[str, float]:
     validate(cfg, world_size=dist_env_from_environ().world_size)
     if cfg.train.save_dir is None:  # a run without a save_dir still never loses its trained model
         cfg.train.save_dir = str(Path(cfg.logging.out_dir) / "checkpoints")
-    LOSSES.get(cfg.algo.loss), ADVANTAGES.get(cfg.algo.advantage), rollout_engine_class(cfg)  # plug-ins import
+    loss_cls, _, _ = LOSSES.get(cfg.algo.loss), ADVANTAGES.get(cfg.algo.advantage), rollout_engine_class(cfg)
+    check_objective(loss_cls, cfg.train.fused_lm_head_train)  # plug-ins import and fit, before any model is built
     with ExitStack() as teardown:  # unwinds in reverse on any exit: engine, scorer, tracker, runtime, run lock
         identity = RunIdentity(cfg.logging.out_dir, cfg.train.save_dir, enabled=dist_env_from_environ().rank == 0)
         teardown.callback(identity.close)

@@ -43,8 +43,9 @@ def make_config(layout: str, mla: bool, loss_agg: str, loss_impl: str = "auto"):
     cfg.parallel.distributed_optimizer = os.environ.get("DISTOPT", "1") == "1"
     cfg.train.micro_batch_size = 2
     cfg.algo.beta, cfg.algo.eps_low, cfg.algo.eps_high, cfg.algo.loss_agg = 0.05, 0.2, 0.28, loss_agg
-    cfg.algo.loss_impl = "triton" if loss_impl == "triton-fused" else loss_impl
+    cfg.algo.loss_impl = {"triton-fused": "triton", "fused-train": "torch"}.get(loss_impl, loss_impl)
     cfg.train.fused_lm_head = loss_impl == "triton-fused"  # log-prob passes from hidden states, no logits
+    cfg.train.fused_lm_head_train = loss_impl == "fused-train"  # the training pass too (its own backward)
     cfg.optim.lr = 1e-3
     cfg.train.max_tokens_per_microbatch = int(os.environ.get("PACK_TOKENS", "0"))  # >0: packed (THD) microbatches
     return cfg

@@ -15,8 +15,12 @@ def test_dry_run_reports_both_layouts_on_the_same_tokens():
     out = run_ranks(SCRIPT, ["--dry-run"], 1).stdout
     line = r"^qwen3\s+fp32\s+(\w+) rows=(\d+) real_tokens=(\d+) padded_tokens=(\d+)"
     rows = {m[0]: m[1:] for m in re.findall(line, out, re.M)}
-    assert set(rows) == {"padded", "packed"}, out
-    assert rows["padded"] == rows["packed"]  # the same ragged batch in one process
+    assert set(rows) == {"padded", "packed", "packed_fused"}, out
+    assert rows["padded"] == rows["packed"] == rows["packed_fused"]  # the same ragged batch in one process
     assert int(rows["padded"][2]) > int(rows["padded"][1])  # padding exists: what packing saves
     assert re.search(r"tokens/s=[\d,]+ TFLOP/s=[\d.]+ MFU\(989 spec\)=[\d.]+\s+MFU\(790 measured\)", out)
     assert re.search(r"^logprob T=256 V=512 H=64 eager\s+[\d.]+ ms", out, re.M)
+    for path in ("eager", "fused_train"):  # the training pass's LM head + loss, forward and backward
+        assert re.search(rf"^loss\+backward T=256 V=512 H=64 {path}\s+[\d.]+ ms", out, re.M), out
+    m = re.search(r"fused_train .* max\|dgrad\| h/w=(\S+)/(\S+)$", out, re.M)
+    assert m and float(m[1]) < 1e-4 and float(m[2]) < 1e-4, out  # fp32 on the CPU: the eager path's gradients

@@ -34,11 +34,14 @@ def reference(request, tmp_path_factory):
 @pytest.mark.parametrize(
     "layout,nproc,impl",
     [("tp2", 2, "auto"), ("ep2", 2, "auto"), ("pp2", 2, "auto"), ("dp2", 2, "auto"), ("tp2ep2", 4, "auto"),
-     ("ws1", 1, "triton"), ("tp2", 2, "triton"), ("tp2", 2, "triton-fused")],
+     ("ws1", 1, "triton"), ("tp2", 2, "triton"), ("tp2", 2, "triton-fused"),
+     ("ws1", 1, "fused-train"), ("tp2", 2, "fused-train"), ("pp2", 2, "fused-train")],
 )  # fmt: skip
 def test_layout_matches_single_rank(reference, layout, nproc, impl):
     """impl=triton: the trainer's GPU loss path (r1mega_kernels through Triton's CPU interpreter; under TP=2 its
-    vocab-parallel kernels) against the plain-PyTorch reference run."""
+    vocab-parallel kernels) against the plain-PyTorch reference run. impl=fused-train: the training pass without
+    logits (train.fused_lm_head_train: chunked linear + log-prob with its own backward, vocab-parallel under TP,
+    its hidden-state gradient summed by the sequence-parallel region), same loss, gradient norm and update."""
     tmp, extra, ref = reference
     if extra and (layout != "tp2" or impl != "auto"):
         pytest.skip("MLA is checked under TP=2 (the layout that shards its projections); EP/PP are attention-agnostic")

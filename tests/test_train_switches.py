@@ -83,3 +83,25 @@ def test_optimizer_cpu_offload_reaches_megatron():
     oc = optimizer_config(cfg, torch.bfloat16)
     assert oc.optimizer_cpu_offload and oc.optimizer_offload_fraction == 0.5 and oc.bf16
     assert oc.decoupled_weight_decay  # megatron's offload asserts AdamW mode
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"algo__ratio_level": "sequence"}, {"algo__loss_agg": "seq-mean-token-sum-norm"},
+     {"model__tie_embeddings": True}],
+    ids=["grpo", "gspo", "dr_grpo", "tied"],
+)  # fmt: skip
+def test_fused_lm_head_train_keeps_the_step(runtime, baseline, variant):
+    """train.fused_lm_head_train (no logits in the training pass, r1mega/grpo/fused_lm_head.py): the objective's
+    PyTorch loss on its log-probs gives the same loss, gradient norm, entropy and update as over the logits, for
+    GSPO's sequence ratios and Dr.GRPO's aggregation too, and with the LM head tied to the embedding."""
+    state = baseline[0] if "model__tie_embeddings" not in variant else None
+    # Adam's first step is ~lr * sign(g): where g is ~0, fp32 noise flips it. A large eps makes the update linear
+    # in g, so the log-probs after the step compare the two gradients element by element.
+    variant = {**variant, "optim__adam_eps": 1e-2}
+    policy, want, want_after = _step(runtime, state, **variant)
+    state = policy.initial_state
+    _, got, after = _step(runtime, state, **variant, train__fused_lm_head_train=True)
+    for key in ("loss", "grad_norm", "entropy", "kl", "clip_frac"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-6), key  # fp32 sums of 200 tokens
+    assert float((after - want_after).abs().max()) < 1e-6

@@ -1,5 +1,6 @@
-"""Training-step throughput on one GPU (issue 13): packed vs padded GRPO steps at real MoE layer shapes, and the
-log-prob pass at T = 32k, V = 152k (eager vs logprob_entropy kernel vs fused linear + log-prob).
+"""Training-step throughput on one GPU (issue 13): packed vs padded GRPO steps at real MoE layer shapes, the
+log-prob pass at T = 32k, V = 152k (eager vs logprob_entropy kernel vs fused linear + log-prob), and the training
+pass's LM head + loss with its backward (eager vs the GRPO loss kernel vs train.fused_lm_head_train).
 
     python tools/bench_train_step.py                 # the H200 run: both models, bf16 + FP8 blockwise, both layouts
     python tools/bench_train_step.py --dry-run       # tiny model on the CPU in seconds (tests/test_bench_train_step.py)
@@ -153,7 +154,8 @@ def bench_step(args, rt, name: str, precision: str, mode: str) -> None:
     cfg.train.precision = "bf16" if precision != "fp32" else "fp32"
     cfg.train.fp8 = "blockwise" if precision == "fp8" else None
     cfg.train.micro_batch_size = max(1, args.budget // args.max_len)
-    cfg.train.max_tokens_per_microbatch = args.budget if mode == "packed" else 0
+    cfg.train.max_tokens_per_microbatch = args.budget if mode.startswith("packed") else 0
+    cfg.train.fused_lm_head = cfg.train.fused_lm_head_train = mode.endswith("_fused")  # no [T, V] logits anywhere
     cfg.algo.beta = 0.0  # no reference model: one model's memory
     cfg.optim.lr = 1e-6
     dev = rt.device
@@ -235,12 +237,69 @@ def bench_logprob_pass(args, dev) -> None:
               f"peak_extra={extra:.2f} GiB{err}")  # fmt: skip
 
 
+def bench_loss_pass(args, dev) -> None:
+    """The training pass's LM head + GRPO loss, forward and backward (gradients of the hidden states and the
+    weight), at the log-prob pass's T, V, H: eager PyTorch over the logits, the GRPO loss kernel over the logits,
+    and train.fused_lm_head_train (chunked linear + log-prob with its own backward, no [T, V] logits)."""
+    from r1mega.grpo.fused_lm_head import chunked_linear_logprob
+    from r1mega.grpo.logprobs import kernels_available, token_logprobs
+    from r1mega.grpo.loss import LossSettings, grpo_loss
+
+    t, v, h = (256, 512, 64) if args.dry_run else (32768, 151936, 2048)
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(1)
+    hidden = torch.randn(1, t, h, device=dev, dtype=dtype, generator=g).requires_grad_()
+    weight = (torch.randn(v, h, device=dev, dtype=dtype, generator=g) / math.sqrt(h)).requires_grad_()
+    targets = torch.randint(0, v, (1, t), device=dev, generator=g)
+    mask = torch.ones(1, t, device=dev)
+    adv = torch.randn(1, t, device=dev, generator=g)
+    with torch.no_grad():
+        old = token_logprobs(hidden @ weight.t(), targets)[0] + 0.01 * torch.randn(1, t, device=dev, generator=g)
+    s = LossSettings(eps_low=0.2, eps_high=0.28, beta=0.0, loss_agg="token-mean")
+
+    def torch_loss(logp):
+        return grpo_loss(logp, old, None, adv, mask, s)[0]
+
+    paths = {
+        "eager": lambda: torch_loss(token_logprobs(hidden @ weight.t(), targets)[0]),
+        "fused_train": lambda: torch_loss(chunked_linear_logprob(hidden, weight, targets)[0]),
+    }
+    if kernels_available():
+        import r1mega_kernels
+
+        paths["kernel"] = lambda: r1mega_kernels.grpo_loss(hidden @ weight.t(), targets, old, None, adv, mask)[0]
+    grads = None
+    for name, fn in paths.items():
+        hidden.grad = weight.grad = None
+        fn().backward()  # warm-up / compile
+        sync(dev)
+        base = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            hidden.grad = weight.grad = None
+            fn().backward()
+        sync(dev)
+        dt = (time.perf_counter() - t0) / args.steps
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**30 if dev.type == "cuda" else float("nan")
+        now = (hidden.grad.float(), weight.grad.float())
+        err = (
+            ""
+            if grads is None
+            else " max|dgrad| h/w={:.2e}/{:.2e}".format(*(float((a - b).abs().max()) for a, b in zip(now, grads)))
+        )
+        grads = now if grads is None else grads
+        print(f"loss+backward T={t} V={v} H={h} {name:11s} {dt * 1e3:8.2f} ms (LM head + GRPO loss, fwd + bwd) "
+              f"peak_extra={extra:.2f} GiB{err}")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script in seconds")
     ap.add_argument("--models", default="qwen3,dsv3")
     ap.add_argument("--precisions", default="bf16,fp8")
-    ap.add_argument("--modes", default="padded,packed")
+    ap.add_argument("--modes", default="padded,packed", help="padded | packed | packed_fused (+ fused LM head)")
     ap.add_argument("--layers", type=int, default=None, help="default: qwen3 4, dsv3 2 (dry run 2)")
     ap.add_argument("--tokens", type=int, default=65536, help="real tokens per optimizer step")
     ap.add_argument("--mean-len", type=float, default=2048)
@@ -254,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.dry_run:
         args.tokens, args.mean_len, args.max_len, args.prompt_len, args.budget, args.steps = 400, 24, 64, 6, 128, 1
-        args.models, args.precisions = "qwen3", "fp32"
+        args.models, args.precisions, args.modes = "qwen3", "fp32", "padded,packed,packed_fused"
 
     from r1mega.config import ParallelConfig
     from r1mega.parallel.runtime import init_runtime, shutdown_runtime
@@ -262,12 +321,13 @@ def main(argv: list[str] | None = None) -> None:
     rt = init_runtime(ParallelConfig(), seed=1, device="cpu" if args.dry_run else "auto")
     try:
         if args.logprob:  # first: seconds, and its row must not be lost to a time limit hit by the MoE steps
-            try:
-                bench_logprob_pass(args, rt.device)
-            except Exception as e:  # noqa: BLE001
-                print(f"log-prob pass: FAILED {type(e).__name__}: {str(e)[:300]}")
-                if args.dry_run:
-                    raise
+            for bench in (bench_logprob_pass, bench_loss_pass):
+                try:
+                    bench(args, rt.device)
+                except Exception as e:  # noqa: BLE001
+                    print(f"{bench.__name__}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                    if args.dry_run:
+                        raise
         for name in args.models.split(","):
             layers = args.layers or (2 if args.dry_run or name == "dsv3" else 4)
             for precision in args.precisions.split(","):

@@ -65,31 +65,30 @@ def choose_logprob_impl(loss_impl: str, on_gpu: bool, available: bool, fused_lm_
     return "fused" if fused_lm_head else "kernel"
 
 
-def _vocab_parallel():
-    """(the TP group, or None without TP; this rank in it): the kernels take the group only when it is > 1."""
+def vocab_shard(vocab_local: int):
+    """(the TP group, or None without TP; the global id of this rank's first vocab entry): what the vocab-parallel
+    kernels take (the group only when it is > 1)."""
     group = _tp_group()
     tp = dist.get_world_size(group)
-    return (group if tp > 1 else None), parallel_state.get_tensor_model_parallel_rank()
+    start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(
+        vocab_local, parallel_state.get_tensor_model_parallel_rank(), tp
+    )
+    return (group if tp > 1 else None), start
 
 
 def kernel_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
     """(logp, entropy) by r1mega_kernels' logprob_entropy: one read of the vocab-parallel logits, no fp32 copy."""
     import r1mega_kernels
 
-    group, rank = _vocab_parallel()
-    start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(
-        logits.shape[-1], rank, dist.get_world_size(_tp_group())
-    )
+    group, start = vocab_shard(logits.shape[-1])
     return r1mega_kernels.logprob_entropy(logits, targets, temperature, tp_group=group, vocab_start=start)
 
 
 def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float):
     """(logp, entropy) from hidden states [..., H] and the vocab-parallel output weight [V/tp, H]: logits only
-    ever exist as a chunk (r1mega_kernels.fused_linear_logprob)."""
+    ever exist as a chunk (r1mega_kernels.fused_linear_logprob). Forward only; the training pass's version with a
+    backward is r1mega.grpo.fused_lm_head."""
     import r1mega_kernels
 
-    group, rank = _vocab_parallel()
-    start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(
-        weight.shape[0], rank, dist.get_world_size(_tp_group())
-    )
+    group, start = vocab_shard(weight.shape[0])
     return r1mega_kernels.fused_linear_logprob(hidden, weight, targets, temperature, tp_group=group, vocab_start=start)

@@ -279,10 +279,12 @@ def hidden_states_out(gpt):
     """Within: the last pipeline stage's GPTModel returns its final hidden states [b, s, H] instead of logits.
 
     megatron-core 0.16.1 has no switch for it, so the output layer's forward is swapped for the identity (with
-    the sequence-parallel all-gather the ColumnParallelLinear would do). For the fused linear + log-prob kernel;
-    no gradient flows through it (forward-only passes).
+    the input region the ColumnParallelLinear would apply: the sequence-parallel all-gather, or without it the
+    copy to the TP region). For the fused linear + log-prob paths; their backward (train.fused_lm_head_train)
+    returns each TP rank's share of the hidden-state gradient, which that region's backward sums (reduce-scatter /
+    all-reduce), as the real layer's does.
     """
-    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region
 
     layer = getattr(gpt, "output_layer", None)
     if layer is None or not gpt.post_process:
@@ -290,7 +292,9 @@ def hidden_states_out(gpt):
         return
 
     def forward(hidden, weight=None, runtime_gather_output=None):
-        return (gather_from_sequence_parallel_region(hidden) if layer.sequence_parallel else hidden), None
+        if layer.sequence_parallel:
+            return gather_from_sequence_parallel_region(hidden), None
+        return copy_to_tensor_model_parallel_region(hidden), None  # identity forward; all-reduce of grads over TP
 
     layer.forward = forward
     try:

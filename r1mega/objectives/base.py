@@ -56,3 +56,7 @@ class Objective(Protocol):
         microbatches (``train.max_tokens_per_microbatch``) are one row [1, T] of several answers, with
         ``seq_ids`` [1, T-1] naming each target token's answer: aggregate per answer by it (r1mega.grpo.loss)."""
         ...
+
+    # Optional: ``loss_from_logprobs(mb, logp, entropy)`` -> the same triple from per-token log-probs and entropy
+    # [b, S-1] (at ``temperature``, differentiable). An objective that has it can train without [T, V] logits
+    # (``train.fused_lm_head_train``, r1mega/grpo/fused_lm_head.py).

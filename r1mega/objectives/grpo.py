@@ -151,9 +151,15 @@ class GRPOObjective:
         if self._kernel is not None:
             return self._kernel(lg, targets, mb, ref, s)
         logp, ent = token_logprobs(lg, targets, s.temperature, with_entropy=True)
+        return self.loss_from_logprobs(mb, logp, ent)
+
+    def loss_from_logprobs(self, mb: Microbatch, logp: torch.Tensor, entropy: torch.Tensor):
+        """The PyTorch loss from per-token log-probs [b, S-1] (the path ``train.fused_lm_head_train`` takes)."""
+        s = self.settings
+        ref = mb.get("ref_logp") if s.beta > 0 else None
         rollout = mb.get("rollout_logp") if s.tis != "none" else None
         loss_sum, denom, metrics = grpo_loss(
             logp, mb["old_logp"], ref, mb["advantages"], mb["mask"], s, rollout, seq_ids=mb.get("seq_ids")
         )  # seq_ids: packed microbatches (r1mega/packing.py) hold several answers per row
-        metrics["entropy"] = (ent * mb["mask"]).sum()
+        metrics["entropy"] = (entropy.detach() * mb["mask"]).sum()
         return loss_sum, denom, metrics

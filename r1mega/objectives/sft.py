@@ -39,5 +39,8 @@ class SFTObjective:
 
     def loss(self, mb: Microbatch, logits: torch.Tensor):
         logp, _ = token_logprobs(logits[:, :-1], mb["tokens"][:, 1:], self.temperature)
+        return self.loss_from_logprobs(mb, logp, None)
+
+    def loss_from_logprobs(self, mb: Microbatch, logp: torch.Tensor, entropy: torch.Tensor | None):
         m = mb["mask"]
         return -(logp * m).sum(), m.sum(), {}
