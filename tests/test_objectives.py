@@ -121,3 +121,20 @@ def test_metrics_schema_averages_over_the_steps_that_ran():
     steps.append({"loss": 4.0, "grad_norm": 3.0, "tokens": 30.0, "kl": 7.0})
     got = schema.summarize(steps)
     assert got == {"train/skipped": pytest.approx(1 / 3), "train/loss": 3.0, "train/grad_norm": 2.0, "train/kl": 0.2}
+
+
+def test_fused_lm_head_train_refuses_a_logits_only_loss_before_building(tmp_path, monkeypatch):
+    """train.fused_lm_head_train with a plug-in loss that needs the whole logits (no loss_from_logprobs): a clear
+    error naming the switch and the fix, from r1mega.train.run before any rank or model exists."""
+    import r1mega.parallel.runtime as runtime_mod
+    from r1mega.train import run
+
+    def no_runtime(*_a, **_k):
+        raise AssertionError("the run got as far as starting its ranks")
+
+    monkeypatch.setattr(runtime_mod, "init_runtime", no_runtime)
+    cfg = small_config()
+    cfg.algo.loss, cfg.algo.beta, cfg.train.fused_lm_head_train = "tests.example_loss:UnclippedPG", 0.0, True
+    cfg.logging.out_dir, cfg.logging.wandb_mode = str(tmp_path / "run"), "disabled"
+    with pytest.raises(ConfigError, match=r"fused_lm_head_train=true.*UnclippedPG.*loss_from_logprobs"):
+        run(cfg)
