@@ -202,6 +202,22 @@ def bench_step(args, rt, name: str, precision: str, mode: str) -> None:
         torch.cuda.empty_cache()
 
 
+def timed(fn, dev, steps: int):
+    """(fn's last result, seconds per call, peak extra GiB on the GPU) after one untimed warm-up call."""
+    fn()  # warm-up / compile
+    sync(dev)
+    base = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = fn()
+    sync(dev)
+    dt = (time.perf_counter() - t0) / steps
+    extra = (torch.cuda.max_memory_allocated() - base) / 2**30 if dev.type == "cuda" else float("nan")
+    return out, dt, extra
+
+
 def bench_logprob_pass(args, dev) -> None:
     """T real tokens, vocab V, hidden H: the old-policy / reference pass from the final hidden states."""
     from r1mega.grpo.logprobs import kernel_token_logprobs, kernels_available, token_logprobs
@@ -220,17 +236,7 @@ def bench_logprob_pass(args, dev) -> None:
         paths["fused"] = lambda: fused_token_logprobs(hidden, weight, targets, 1.0)
     ref = None
     for name, fn in paths.items():
-        fn()  # warm-up / compile
-        sync(dev)
-        base = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            logp, ent = fn()
-        sync(dev)
-        dt = (time.perf_counter() - t0) / args.steps
-        extra = (torch.cuda.max_memory_allocated() - base) / 2**30 if dev.type == "cuda" else float("nan")
+        (logp, _), dt, extra = timed(fn, dev, args.steps)
         err = "" if ref is None else f" max|dlogp|={float((logp - ref).abs().max()):.2e}"
         ref = logp if ref is None else ref
         print(f"logprob T={t} V={v} H={h} {name:6s} {dt * 1e3:8.2f} ms (incl. the LM-head matmul) "
@@ -269,20 +275,13 @@ def bench_loss_pass(args, dev) -> None:
 
         paths["kernel"] = lambda: r1mega_kernels.grpo_loss(hidden @ weight.t(), targets, old, None, adv, mask)[0]
     grads = None
-    for name, fn in paths.items():
+
+    def fwd_bwd(loss_fn):
         hidden.grad = weight.grad = None
-        fn().backward()  # warm-up / compile
-        sync(dev)
-        base = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            hidden.grad = weight.grad = None
-            fn().backward()
-        sync(dev)
-        dt = (time.perf_counter() - t0) / args.steps
-        extra = (torch.cuda.max_memory_allocated() - base) / 2**30 if dev.type == "cuda" else float("nan")
+        loss_fn().backward()
+
+    for name, fn in paths.items():
+        _, dt, extra = timed(lambda: fwd_bwd(fn), dev, args.steps)  # noqa: B023 - called inside this iteration
         now = (hidden.grad.float(), weight.grad.float())
         err = (
             ""
