@@ -52,7 +52,7 @@ def _own_targets(targets: torch.Tensor, vocab_start: int, vocab_local: int) -> t
 
 class _LinearLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, group, vocab_start, chunk):  # noqa: D401
+    def forward(ctx, hidden, weight, targets, temperature, group, vocab_start, chunk):
         ctx.set_materialize_grads(False)
         n, vocab = hidden.shape[0], weight.shape[0]
         w = weight.to(torch.promote_types(hidden.dtype, weight.dtype))
@@ -118,15 +118,12 @@ def chunked_linear_logprob(
     chunk: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (log-prob of ``targets``, entropy) of softmax(hidden @ weight.T / temperature), fp32 (fp64 for
-    fp64 inputs), shaped as
-    ``targets``; differentiable in ``hidden`` and ``weight``. hidden [..., H]; weight [V_local, H], this rank's
-    vocab shard starting at global id ``vocab_start`` (``group``: the TP group, None without TP)."""
+    fp64 inputs), shaped as ``targets``; differentiable in ``hidden`` and ``weight``. hidden [..., H]; weight
+    [V_local, H], this rank's vocab shard starting at global id ``vocab_start`` (``group``: the TP group, None
+    without TP)."""
     shape = targets.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1).to(device=hidden.device, dtype=torch.long)
-    if h2.shape[0] == 0:
-        z = (h2.sum() + weight.sum()).float() * 0.0  # keeps both in the graph: zero gradients, not None
-        return z.expand(shape).clone(), z.expand(shape).clone()
     chunk = chunk or default_chunk(h2.shape[0], weight.shape[0])
     logp, ent = _LinearLogprob.apply(h2, weight, t, float(temperature), group, int(vocab_start), int(chunk))
     return logp.view(shape), ent.view(shape)
