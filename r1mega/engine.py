@@ -131,8 +131,10 @@ class MegatronEngine:
 
     @property
     def seq_multiple(self) -> int:
-        """Sequence lengths must be a multiple of this (sequence parallelism splits S over TP ranks)."""
-        return self.cfg.parallel.tp if self.model.config.sequence_parallel else 1
+        """Sequence lengths must be a multiple of this: sequence parallelism splits S over TP ranks, and TE's FP8
+        GEMMs need every rank's token count divisible by 16 (its alignment for FP8 recipes)."""
+        tp = self.cfg.parallel.tp if self.model.config.sequence_parallel else 1
+        return tp * (16 if self.cfg.train.fp8 else 1)
 
     def _attention_mask(self, s: int) -> torch.Tensor | None:
         """Causal mask for megatron's local attention (True = masked); TE builds its own."""

@@ -145,7 +145,7 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def bench_step(args, rt, name: str, precision: str, mode: str) -> None:
+def bench_step(args, rt, name: str, precision: str, mode: str, fusions: bool = True) -> None:
     from r1mega.config import Config
     from r1mega.engine import MegatronEngine
     from r1mega.objectives.grpo import GRPOObjective
@@ -157,6 +157,7 @@ def bench_step(args, rt, name: str, precision: str, mode: str) -> None:
     cfg.train.micro_batch_size = max(1, args.budget // args.max_len)
     cfg.train.max_tokens_per_microbatch = args.budget if mode.startswith("packed") else 0
     cfg.train.fused_lm_head = cfg.train.fused_lm_head_train = mode.endswith("_fused")  # no [T, V] logits anywhere
+    cfg.train.te_fusions = fusions
     cfg.algo.beta = 0.0  # no reference model: one model's memory
     cfg.optim.lr = 1e-6
     dev = rt.device
@@ -186,7 +187,7 @@ def bench_step(args, rt, name: str, precision: str, mode: str) -> None:
         f"{name:6s} {precision:5s} {mode:6s} rows={len(lengths)} real_tokens={sum(lengths)} "
         f"padded_tokens={batch.tokens.numel()} step={dt * 1e3:.1f} ms tokens/s={sum(lengths) / dt:,.0f} "
         f"TFLOP/s={flops / dt / 1e12:.1f} {mfu} peak_mem={peak:.1f} GiB logprob_pass={t_logp * 1e3:.1f} ms "
-        f"N_active={n_active / 1e6:.1f}M"
+        f"N_active={n_active / 1e6:.1f}M fusions={'on' if fusions else 'off'}"
     )
     if args.profile and dev.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
@@ -332,12 +333,18 @@ def main(argv: list[str] | None = None) -> None:
             layers = args.layers or (2 if args.dry_run or name == "dsv3" else 4)
             for precision in args.precisions.split(","):
                 for mode in args.modes.split(","):
-                    try:
-                        bench_step(argparse.Namespace(**{**vars(args), "layers": layers}), rt, name, precision, mode)
-                    except Exception as e:  # noqa: BLE001 - one configuration failing must not hide the others
-                        print(f"{name} {precision} {mode}: FAILED {type(e).__name__}: {str(e)[:300]}")
-                        if args.dry_run:
-                            raise
+                    run = partial(bench_step, argparse.Namespace(**{**vars(args), "layers": layers}), rt)
+                    for fusions in (True, False):  # without megatron's fused kernels only if they fail
+                        try:
+                            run(name, precision, mode, fusions)
+                            break
+                        except Exception as e:  # noqa: BLE001 - one configuration failing must not hide the others
+                            err = f"{type(e).__name__}: {str(e)[:300]}"
+                            print(f"{name} {precision} {mode} fusions={fusions}: FAILED {err}")
+                            if args.dry_run:
+                                raise
+                            gc.collect()
+                            torch.cuda.empty_cache()
     finally:
         shutdown_runtime()
 

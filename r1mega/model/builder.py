@@ -103,8 +103,14 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: Trai
             moe_grouped_gemm=model.moe_grouped_gemm and on_gpu and _te_importable(),  # TEGroupedMLP only
             moe_layer_freq=[0] * k + [1] * (model.num_layers - k) if k else 1,
         )
+    if on_gpu and _te_importable() and train.te_fusions:  # the kernels megatron's own GPU recipes run with
+        kw.update(bias_activation_fusion=model.activation == "swiglu")
+        if model.is_moe:
+            kw.update(moe_permute_fusion=True, moe_router_fusion=True)
     if train.fp8:
         kw.update(fp8="e4m3", fp8_recipe=train.fp8)
+        if model.is_moe:  # each expert's token count padded to FP8's 16 in the routing map, not by a copy per GEMM
+            kw.update(moe_router_padding_for_quantization=True)
     if model.multi_latent_attention:
         return MLATransformerConfig(
             **kw,
