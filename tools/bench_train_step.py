@@ -20,36 +20,32 @@ MFU (real tokens only; padding is waste, not work):
     attention  = fwd + bwd (x3) of QK^T and PV (2 FLOPs per MAC), causal (half of L^2)
     MFU        = FLOPs/step / step time / peak, reported against 989 TFLOP/s (H200 dense bf16 spec) and the
                  ~790 TFLOP/s bf16 matmul ceiling measured on our H200 (docs/perf/kernels.md).
-Time split: one profiled step (torch.profiler), CUDA kernel time bucketed by kernel name (attention: flash /
-fmha / sdpa; experts: grouped GEMM; dispatch: permute / sort / scatter / index; loss: the GRPO + log-prob
-kernels; other GEMMs; rest). Bucketing by name is a heuristic: the buckets' kernel names are printed with --verbose.
+Time split: one profiled step (torch.profiler, tools/step_profile.py): CUDA kernel time bucketed by the op that
+launched it (attention / experts / dispatch / loss / LM head / optimizer / other GEMMs / rest), the fraction of
+the step's wall time the GPU was busy, and the host side (launches, syncs, top self-CPU ops); --verbose adds
+each bucket's top kernels. The old-policy log-prob pass is timed warm, with the kernels (or the fused head) and
+with algo.loss_impl=torch (the eager path over [T, V] fp32 logits), with its peak extra memory.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
-import re
+import subprocess
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "kernels")]
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(_ROOT), str(_ROOT / "kernels"), str(_ROOT / "tools")]
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import step_profile  # noqa: E402  (tools/, beside this script)
 import torch  # noqa: E402
 
 PEAKS = {"989 spec": 989e12, "790 measured": 790e12}
-BUCKETS = [
-    ("attention", r"flash|fmha|attn|sdpa|softmax"),
-    ("experts", r"grouped|group_gemm|GroupedGemm|moe_gemm"),
-    ("dispatch", r"permute|sort|scatter|gather|index|topk|histc|all_to_all|nccl"),
-    ("loss", r"grpo|_stats|logprob|cross_entropy"),
-    ("gemm", r"gemm|cutlass|sm90|sm80|cublas|nvjet|matmul"),
-]
 
 
 def model_config(name: str, layers: int, dry: bool):
@@ -123,23 +119,6 @@ def step_flops(m, n_active: float, lengths: list[int]) -> float:
     return 6.0 * n_active * sum(lengths) + attn
 
 
-def bucket_times(prof, verbose: bool) -> dict[str, float]:
-    """CUDA kernel time (ms) per bucket of one profiled step."""
-    out = {name: 0.0 for name, _ in BUCKETS} | {"other": 0.0}
-    names: dict[str, list[str]] = {k: [] for k in out}
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", getattr(ev, "cuda_time_total", 0.0)) / 1e3
-        if t <= 0 or ev.key.startswith("ProfilerStep"):
-            continue
-        name = next((b for b, pat in BUCKETS if re.search(pat, ev.key, re.I)), "other")
-        out[name] += t
-        names[name].append(ev.key[:60])
-    if verbose:
-        for k, v in names.items():
-            print(f"    {k}: {sorted(set(v))[:12]}")
-    return out
-
-
 def sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -167,46 +146,49 @@ def bench_step(args, rt, name: str, precision: str, mode: str, fusions: bool = T
     batch = make_batch(lengths, vocab, args.prompt_len, engine.seq_multiple)
     n_active = active_params(engine.model, cfg.model.moe_router_topk, cfg.model.num_experts)
     flops = step_flops(cfg.model, n_active, lengths)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    sync(dev)
-    t0 = time.perf_counter()
-    batch.old_logp, _ = engine.compute_logprobs(batch, 1.0)
-    sync(dev)
-    t_logp = time.perf_counter() - t0
-    engine.forward_backward(batch, objective, cfg.optim.lr)  # warm-up
-    sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        engine.forward_backward(batch, objective, cfg.optim.lr)
-    sync(dev)
-    dt = (time.perf_counter() - t0) / args.steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
-    mfu = "  ".join(f"MFU({k})={flops / dt / v:.3f}" for k, v in PEAKS.items())
-    print(
-        f"{name:6s} {precision:5s} {mode:6s} rows={len(lengths)} real_tokens={sum(lengths)} "
-        f"padded_tokens={batch.tokens.numel()} step={dt * 1e3:.1f} ms tokens/s={sum(lengths) / dt:,.0f} "
-        f"TFLOP/s={flops / dt / 1e12:.1f} {mfu} peak_mem={peak:.1f} GiB logprob_pass={t_logp * 1e3:.1f} ms "
-        f"N_active={n_active / 1e6:.1f}M fusions={'on' if fusions else 'off'}"
-    )
-    if args.profile and dev.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    try:
+        batch.old_logp, _ = engine.compute_logprobs(batch, 1.0)  # warm-up: kernels compile, TE picks its backends
+        engine.forward_backward(batch, objective, cfg.optim.lr)  # warm-up
+        passes = {}
+        for impl in ("auto", "torch"):  # the kernels (or the fused head), then today's eager path
+            cfg.algo.loss_impl = impl
+            _, t_pass, extra = timed(partial(engine.compute_logprobs, batch, 1.0), dev, 1, warmup=False)
+            passes[impl] = f"{t_pass * 1e3:.0f} ms (+{extra:.1f} GiB)"
+        cfg.algo.loss_impl = "auto"
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
             engine.forward_backward(batch, objective, cfg.optim.lr)
-            sync(dev)
-        split = bucket_times(prof, args.verbose)
-        total = sum(split.values()) or 1.0
-        print("    split: " + "  ".join(f"{k}={v:.1f}ms ({v / total:.0%})" for k, v in split.items()))
-    del engine, objective, batch
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+        sync(dev)
+        dt = (time.perf_counter() - t0) / args.steps
+        peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+        mfu = "  ".join(f"MFU({k})={flops / dt / v:.3f}" for k, v in PEAKS.items())
+        print(
+            f"{name:6s} {precision:5s} {mode:6s} rows={len(lengths)} real_tokens={sum(lengths)} "
+            f"padded_tokens={batch.tokens.numel()} step={dt * 1e3:.1f} ms tokens/s={sum(lengths) / dt:,.0f} "
+            f"TFLOP/s={flops / dt / 1e12:.1f} {mfu} peak_mem={peak:.1f} GiB logprob_pass={passes['auto']} "
+            f"eager_logprob_pass={passes['torch']} N_active={n_active / 1e6:.1f}M fusions={'on' if fusions else 'off'}"
+        )
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+            with profile(activities=acts) as prof:
+                t0 = time.perf_counter()
+                engine.forward_backward(batch, objective, cfg.optim.lr)
+                sync(dev)
+                wall = time.perf_counter() - t0
+            print(step_profile.report(step_profile.analyse(prof, wall), args.verbose))
+    finally:
+        del engine, objective, batch
 
 
-def timed(fn, dev, steps: int):
+def timed(fn, dev, steps: int, warmup: bool = True):
     """(fn's last result, seconds per call, peak extra GiB on the GPU) after one untimed warm-up call."""
-    fn()  # warm-up / compile
+    if warmup:  # compile / autotune
+        fn()
     sync(dev)
     base = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
     if dev.type == "cuda":
@@ -243,6 +225,17 @@ def bench_logprob_pass(args, dev) -> None:
         ref = logp if ref is None else ref
         print(f"logprob T={t} V={v} H={h} {name:6s} {dt * 1e3:8.2f} ms (incl. the LM-head matmul) "
               f"peak_extra={extra:.2f} GiB{err}")  # fmt: skip
+    # the log-prob step alone, from given logits (what the engine's unfused pass does after the LM head), and
+    # the LM-head matmul alone: the floor of every path above (2*T*H*V FLOPs)
+    logits = hidden @ weight.t()
+    alone = {"matmul": lambda: (hidden @ weight.t(), None)}
+    alone["eager"] = lambda: token_logprobs(logits, targets, 1.0, with_entropy=True)
+    if kernels_available():
+        alone["kernel"] = lambda: kernel_token_logprobs(logits, targets, 1.0)
+    for name, fn in alone.items():
+        _, dt, extra = timed(fn, dev, args.steps)
+        tf = f" = {2 * t * h * v / dt / 1e12:.0f} TFLOP/s" if name == "matmul" else ""
+        print(f"logprob-from-logits T={t} V={v} {name:6s} {dt * 1e3:8.2f} ms{tf} peak_extra={extra:.2f} GiB")
 
 
 def bench_loss_pass(args, dev) -> None:
@@ -311,42 +304,58 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--no-logprob", dest="logprob", action="store_false")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child: one job (see main)
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     if args.dry_run:
         args.tokens, args.mean_len, args.max_len, args.prompt_len, args.budget, args.steps = 400, 24, 64, 6, 128, 1
         args.models, args.precisions, args.modes = "qwen3", "fp32", "padded,packed,packed_fused"
+    if args.one:
+        sys.exit(run_one(args, args.one))
+    # Every configuration in a process of its own: an engine's GPU memory is not given back within a process
+    # (megatron's MoE layers leave a reference cycle through autograd's C++ side that gc cannot collect), a CUDA
+    # error would poison the context for every later one, and each peak memory is then the configuration's own.
+    jobs = ["logprob"] if args.logprob else []
+    models, precisions, modes = (x.split(",") for x in (args.models, args.precisions, args.modes))
+    jobs += [f"{n}:{p}:{m}" for n in models for p in precisions for m in modes]
+    failed = 0
+    for job in jobs:
+        for attempt in [job] + ([job + ":nofusions"] if job != "logprob" else []):
+            rc = subprocess.run([sys.executable, "-u", __file__, *argv, "--one", attempt]).returncode
+            if rc == 0:
+                break
+            again = "; again without megatron's fused kernels" if attempt == job else ""
+            print(f"{attempt}: FAILED (exit {rc}){again}")
+        else:
+            failed += 1
+    if failed and args.dry_run:
+        sys.exit(1)
 
+
+def run_one(args, job: str) -> int:
+    """One job in this process: ``logprob`` (the log-prob and loss passes) or ``model:precision:mode[:nofusions]``."""
     from r1mega.config import ParallelConfig
     from r1mega.parallel.runtime import init_runtime, shutdown_runtime
 
     rt = init_runtime(ParallelConfig(), seed=1, device="cpu" if args.dry_run else "auto")
+    rc = 0
     try:
-        if args.logprob:  # first: seconds, and its row must not be lost to a time limit hit by the MoE steps
-            for bench in (bench_logprob_pass, bench_loss_pass):
-                try:
-                    bench(args, rt.device)
-                except Exception as e:  # noqa: BLE001
-                    print(f"{bench.__name__}: FAILED {type(e).__name__}: {str(e)[:300]}")
-                    if args.dry_run:
-                        raise
-        for name in args.models.split(","):
+        if job == "logprob":
+            benches = [partial(bench_logprob_pass, args, rt.device), partial(bench_loss_pass, args, rt.device)]
+        else:
+            name, precision, mode, *rest = job.split(":")
             layers = args.layers or (2 if args.dry_run or name == "dsv3" else 4)
-            for precision in args.precisions.split(","):
-                for mode in args.modes.split(","):
-                    run = partial(bench_step, argparse.Namespace(**{**vars(args), "layers": layers}), rt)
-                    for fusions in (True, False):  # without megatron's fused kernels only if they fail
-                        try:
-                            run(name, precision, mode, fusions)
-                            break
-                        except Exception as e:  # noqa: BLE001 - one configuration failing must not hide the others
-                            err = f"{type(e).__name__}: {str(e)[:300]}"
-                            print(f"{name} {precision} {mode} fusions={fusions}: FAILED {err}")
-                            if args.dry_run:
-                                raise
-                            gc.collect()
-                            torch.cuda.empty_cache()
+            ns = argparse.Namespace(**{**vars(args), "layers": layers})
+            benches = [partial(bench_step, ns, rt, name, precision, mode, not rest)]
+        for bench in benches:
+            try:
+                bench()
+            except Exception as e:  # noqa: BLE001 - the loss pass still runs when the log-prob pass fails
+                print(f"{job}: FAILED {type(e).__name__}: {str(e)[:400]}")
+                rc = 1
     finally:
         shutdown_runtime()
+    return rc
 
 
 if __name__ == "__main__":

@@ -104,13 +104,16 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: Trai
             moe_layer_freq=[0] * k + [1] * (model.num_layers - k) if k else 1,
         )
     if on_gpu and _te_importable() and train.te_fusions:  # the kernels megatron's own GPU recipes run with
+        # RoPE: TE's kernel (per-sequence positions from cu_seqlens under THD, no host sync); megatron fuses MLA's
+        # only for YaRN and only in training, so MLA keeps the unfused one
+        kw.update(apply_rope_fusion=not model.multi_latent_attention)
         kw.update(bias_activation_fusion=model.activation == "swiglu")
         if model.is_moe:
             kw.update(moe_permute_fusion=True, moe_router_fusion=True)
     if train.fp8:
+        # (not moe_router_padding_for_quantization: it pads the routing map in place, which the fused router's
+        # backward has saved; TEGroupedMLP pads each expert's tokens to FP8's 16 itself)
         kw.update(fp8="e4m3", fp8_recipe=train.fp8)
-        if model.is_moe:  # each expert's token count padded to FP8's 16 in the routing map, not by a copy per GEMM
-            kw.update(moe_router_padding_for_quantization=True)
     if model.multi_latent_attention:
         return MLATransformerConfig(
             **kw,
