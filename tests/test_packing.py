@@ -129,3 +129,22 @@ def test_pack_then_unpack_restores_rows_and_positions_restart():
         keep[i, : max(n - 1, 0)] = 1
     torch.testing.assert_close(back, old * keep)
     assert torch.all(mask * (1 - keep) == 0)  # every loss token survived the cut
+
+
+def test_fp8_token_counts_are_multiples_of_16_times_tp():
+    """TE's FP8 GEMMs need each rank's token count divisible by 16 (run 1 of docs/perf/train_step.md)."""
+    from types import SimpleNamespace
+
+    from r1mega.config import Config
+    from r1mega.engine import MegatronEngine
+
+    def multiple(tp: int, sp: bool, fp8):
+        cfg = Config()
+        cfg.parallel.tp, cfg.train.fp8 = tp, fp8
+        fake = SimpleNamespace(cfg=cfg, model=SimpleNamespace(config=SimpleNamespace(sequence_parallel=sp)))
+        return MegatronEngine.seq_multiple.fget(fake)
+
+    assert [multiple(1, False, None), multiple(2, True, None), multiple(2, False, None)] == [1, 2, 1]
+    assert [multiple(1, False, "blockwise"), multiple(4, True, "tensorwise")] == [16, 64]
+    packed = pack_batch(_token_batch(*_inputs(5)), 20, multiple=16)
+    assert all(mb["tokens"].shape[1] % 16 == 0 for mb, _ in packed)
