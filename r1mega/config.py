@@ -291,7 +291,7 @@ class TrainConfig:
     offload_optimizer_during_rollout: bool = False  # optimizer state to host + grad buffers freed while generating
     fp32_lm_head: bool = False  # output layer (logits, log-probs, loss) in fp32 from bf16; SGLang's enable_fp32_lm_head
     fp8: Optional[str] = None  # None | blockwise | tensorwise | delayed (TE only)
-    # GPU + TE: megatron's fused kernels (MoE permute / unpermute, router top-k + scores, SwiGLU); off = unfused
+    # GPU + TE: megatron's fused kernels (MoE permute / unpermute, router top-k + scores, SwiGLU, RoPE); off = unfused
     te_fusions: bool = True
     device: str = "auto"  # auto | cpu | cuda
     eval_every: int = 0  # 0 = only before and after RL

@@ -55,7 +55,7 @@ eval.save_responses=false logging.out_dir=$L/$1"                               #
       if [ "$s" = 1 ]; then echo "python3 -u tools/bench_train_step.py --models qwen3,dsv3 --precisions bf16,fp8 --layers 1 --steps 1 --tokens 16384 --no-logprob"
       else echo "python3 -u tools/bench_train_step.py"; fi ;;
     bench_qwen3) echo "python3 -u tools/bench_train_step.py --models qwen3 --modes padded,packed,packed_fused --verbose" ;;
-    bench_dsv3) echo "python3 -u tools/bench_train_step.py --models dsv3 --no-logprob --verbose" ;;  # the two fit 10 min each
+    bench_dsv3) echo "python3 -u tools/bench_train_step.py --models dsv3 --no-logprob --verbose" ;;  # each fits one 10-min command (padded steps unprofiled)
     *) echo "false unknown-stage-$1" ;;
   esac
 }
