@@ -318,9 +318,11 @@ def main(argv: list[str] | None = None) -> None:
     jobs = ["logprob"] if args.logprob else []
     models, precisions, modes = (x.split(",") for x in (args.models, args.precisions, args.modes))
     jobs += [f"{n}:{p}:{m}" for n in models for p in precisions for m in modes]
+    if args.dry_run:  # the tiny CPU model frees fine: one child for all (the CI test's time), still a child
+        jobs = [";".join(jobs)]
     failed = 0
     for job in jobs:
-        for attempt in [job] + ([job + ":nofusions"] if job != "logprob" else []):
+        for attempt in [job] + ([job + ":nofusions"] if ":" in job and ";" not in job else []):
             rc = subprocess.run([sys.executable, "-u", __file__, *argv, "--one", attempt]).returncode
             if rc == 0:
                 break
@@ -332,26 +334,29 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
-def run_one(args, job: str) -> int:
-    """One job in this process: ``logprob`` (the log-prob and loss passes) or ``model:precision:mode[:nofusions]``."""
+def run_one(args, jobs: str) -> int:
+    """``;``-separated jobs in this process: ``logprob`` (the log-prob and loss passes) or
+    ``model:precision:mode[:nofusions]``."""
     from r1mega.config import ParallelConfig
     from r1mega.parallel.runtime import init_runtime, shutdown_runtime
 
     rt = init_runtime(ParallelConfig(), seed=1, device="cpu" if args.dry_run else "auto")
     rc = 0
-    try:
+    benches = []
+    for job in jobs.split(";"):
         if job == "logprob":
-            benches = [partial(bench_logprob_pass, args, rt.device), partial(bench_loss_pass, args, rt.device)]
+            benches += [partial(bench_logprob_pass, args, rt.device), partial(bench_loss_pass, args, rt.device)]
         else:
             name, precision, mode, *rest = job.split(":")
             layers = args.layers or (2 if args.dry_run or name == "dsv3" else 4)
             ns = argparse.Namespace(**{**vars(args), "layers": layers})
-            benches = [partial(bench_step, ns, rt, name, precision, mode, not rest)]
+            benches.append(partial(bench_step, ns, rt, name, precision, mode, not rest))
+    try:
         for bench in benches:
             try:
                 bench()
             except Exception as e:  # noqa: BLE001 - the loss pass still runs when the log-prob pass fails
-                print(f"{job}: FAILED {type(e).__name__}: {str(e)[:400]}")
+                print(f"{bench.func.__name__}{bench.args[2:5]}: FAILED {type(e).__name__}: {str(e)[:400]}")
                 rc = 1
     finally:
         shutdown_runtime()
