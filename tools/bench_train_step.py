@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     jobs = ["logprob"] if args.logprob else []
     models, precisions, modes = (x.split(",") for x in (args.models, args.precisions, args.modes))
     jobs += [f"{n}:{p}:{m}" for n in models for p in precisions for m in modes]
-    if args.dry_run:  # the tiny CPU model frees fine: one child for all (the CI test's time), still a child
+    if args.dry_run:  # the tiny CPU model leaks only megabytes: one child for all (the CI test's time), still a child
         jobs = [";".join(jobs)]
     failed = 0
     for job in jobs:
