@@ -146,43 +146,40 @@ def bench_step(args, rt, name: str, precision: str, mode: str, fusions: bool = T
     batch = make_batch(lengths, vocab, args.prompt_len, engine.seq_multiple)
     n_active = active_params(engine.model, cfg.model.moe_router_topk, cfg.model.num_experts)
     flops = step_flops(cfg.model, n_active, lengths)
-    try:
-        batch.old_logp, _ = engine.compute_logprobs(batch, 1.0)  # warm-up: kernels compile, TE picks its backends
-        engine.forward_backward(batch, objective, cfg.optim.lr)  # warm-up
-        passes = {}
-        for impl in ("auto", "torch"):  # the kernels (or the fused head), then today's eager path
-            cfg.algo.loss_impl = impl
-            _, t_pass, extra = timed(partial(engine.compute_logprobs, batch, 1.0), dev, 1, warmup=False)
-            passes[impl] = f"{t_pass * 1e3:.0f} ms (+{extra:.1f} GiB)"
-        cfg.algo.loss_impl = "auto"
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        sync(dev)
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            engine.forward_backward(batch, objective, cfg.optim.lr)
-        sync(dev)
-        dt = (time.perf_counter() - t0) / args.steps
-        peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
-        mfu = "  ".join(f"MFU({k})={flops / dt / v:.3f}" for k, v in PEAKS.items())
-        print(
-            f"{name:6s} {precision:5s} {mode:6s} rows={len(lengths)} real_tokens={sum(lengths)} "
-            f"padded_tokens={batch.tokens.numel()} step={dt * 1e3:.1f} ms tokens/s={sum(lengths) / dt:,.0f} "
-            f"TFLOP/s={flops / dt / 1e12:.1f} {mfu} peak_mem={peak:.1f} GiB logprob_pass={passes['auto']} "
-            f"eager_logprob_pass={passes['torch']} N_active={n_active / 1e6:.1f}M fusions={'on' if fusions else 'off'}"
-        )
-        if args.profile and (mode != "padded" or args.dry_run):  # padded: ~75k kernel events, a minute to analyse
-            from torch.profiler import ProfilerActivity, profile
+    batch.old_logp, _ = engine.compute_logprobs(batch, 1.0)  # warm-up: kernels compile, TE picks its backends
+    engine.forward_backward(batch, objective, cfg.optim.lr)  # warm-up
+    passes = {}
+    for impl in ("auto", "torch"):  # the kernels (or the fused head), then today's eager path
+        cfg.algo.loss_impl = impl
+        _, t_pass, extra = timed(partial(engine.compute_logprobs, batch, 1.0), dev, 1, warmup=False)
+        passes[impl] = f"{t_pass * 1e3:.0f} ms (+{extra:.1f} GiB)"
+    cfg.algo.loss_impl = "auto"
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        engine.forward_backward(batch, objective, cfg.optim.lr)
+    sync(dev)
+    dt = (time.perf_counter() - t0) / args.steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+    mfu = "  ".join(f"MFU({k})={flops / dt / v:.3f}" for k, v in PEAKS.items())
+    print(
+        f"{name:6s} {precision:5s} {mode:6s} rows={len(lengths)} real_tokens={sum(lengths)} "
+        f"padded_tokens={batch.tokens.numel()} step={dt * 1e3:.1f} ms tokens/s={sum(lengths) / dt:,.0f} "
+        f"TFLOP/s={flops / dt / 1e12:.1f} {mfu} peak_mem={peak:.1f} GiB logprob_pass={passes['auto']} "
+        f"eager_logprob_pass={passes['torch']} N_active={n_active / 1e6:.1f}M fusions={'on' if fusions else 'off'}"
+    )
+    if args.profile and (mode != "padded" or args.dry_run):  # padded: ~75k kernel events, a minute to analyse
+        from torch.profiler import ProfilerActivity, profile
 
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-            with profile(activities=acts) as prof:
-                t0 = time.perf_counter()
-                engine.forward_backward(batch, objective, cfg.optim.lr)
-                sync(dev)
-                wall = time.perf_counter() - t0
-            print(step_profile.report(step_profile.analyse(prof, wall), args.verbose))
-    finally:
-        del engine, objective, batch
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            engine.forward_backward(batch, objective, cfg.optim.lr)
+            sync(dev)
+            wall = time.perf_counter() - t0
+        print(step_profile.report(step_profile.analyse(prof, wall), args.verbose))
 
 
 def timed(fn, dev, steps: int, warmup: bool = True):
