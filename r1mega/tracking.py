@@ -55,7 +55,9 @@ class Tracker:
 
     @staticmethod
     def _kind(row: dict) -> str:
-        return "eval" if any(k.startswith("eval/") for k in row) else "train"
+        """A row's kind, one row per (step, kind): "train", or its evaluation's namespace ("eval", "eval_greedy")."""
+        spaces = {k.split("/", 1)[0] for k in row if k.startswith("eval") and "/" in k}
+        return min(spaces) if spaces else "train"
 
     def resume_from(self, steps_done: int) -> None:
         """Continue metrics.jsonl for a run whose checkpoint holds ``steps_done`` steps (call before logging).

@@ -81,13 +81,14 @@ def test_dry_run_composes_the_preset_and_prints_the_stages(tmp_path):
     kw = json.loads(head)["trl_grpo_config"]
     assert (kw["num_generations"], kw["max_completion_length"], kw["learning_rate"]) == (8, 256, 3e-6)
     assert kw["per_device_train_batch_size"] * kw["gradient_accumulation_steps"] == 32 * 8
-    for name in ("r1mega:", "trl:", "eval_cold_greedy:", "eval_trl_final_k8:"):
+    for name in ("r1mega:", "trl:", "eval_cold:", "eval_trl_final:", "r1mega_fp8:"):
         assert f"\n{name} " in "\n" + stages
     assert f"train.export_hf_dir={tmp_path / 'cold'}" in stages and "+preset=smollm2_gsm8k" in stages
     lines = {line.split(": ", 1)[0]: line for line in ("cold: " + stages).splitlines()}
     for name in ("r1mega", "trl"):  # the preset's 20 minutes, capped inside the 570 s stage: (570 - 150) s
         assert lines[name].endswith("train.max_minutes=7.00"), lines[name]
-    assert "max_minutes" not in lines["cold"] + lines["eval_cold_k8"]
+    assert "max_minutes" not in lines["cold"] + lines["eval_cold"] and "rollout=megatron" in lines["cold"]
+    assert "eval.also_greedy=true" in lines["eval_r1mega_final"] and "train.fp8=blockwise" in lines["r1mega_fp8"]
 
 
 def test_rl_minutes_caps_inside_the_stage_timeout():
@@ -97,8 +98,26 @@ def test_rl_minutes_caps_inside_the_stage_timeout():
     assert bench.rl_minutes(20.0, 100) == 1.0  # never below a minute
 
 
+def _eval_results(correct: list[list[bool]], greedy: bool):
+    """An r1mega-eval result of GSM8K (per problem: each sample's correctness), built by r1mega/eval/results.py."""
+    from r1mega.eval.results import EvalResults, ProblemResult, SampleResult, SetResult, summarize
+
+    problems = [ProblemResult(i, f"q{i}", "1", [SampleResult("1" if c else "2", c, True, 50 + 10 * c, True)
+                                               for c in flags], [], None, any(flags))
+                for i, flags in enumerate(correct)]  # fmt: skip
+    res = EvalResults({"greedy": greedy, "k": len(correct[0])}, {"gsm8k": SetResult("gsm8k", problems)})
+    res.sets["gsm8k"].metrics = summarize(problems, [1, len(correct[0])])
+    return res
+
+
 def test_report_table_and_curves_from_run_logs(tmp_path):
-    """The report reads both sides' metrics.jsonl and r1mega-eval's eval.json, writes the table and the PNG."""
+    """The report reads both sides' metrics.jsonl and r1mega-eval's eval.json / eval_greedy.json of each checkpoint,
+    writes the table (accuracy differences and their z against fp64 formulas) and the PNG."""
+    import math
+    import statistics
+
+    from r1mega.eval.results import save_results
+
     for side, extra in (("r1mega", {"rollout/logp_diff_mean": 0.01}), ("trl", {})):
         (tmp_path / side).mkdir()
         rows = [{"step": i + 1, "time/step": 2.0 + i, "time/generation": 1.0, "time/logprobs": 0.2,
@@ -106,13 +125,29 @@ def test_report_table_and_curves_from_run_logs(tmp_path):
                  "reward/mean": 0.1 * i, "reward/accuracy": 0.05 * i, "response/length_mean": 90.0,
                  "train/kl": 1e-3 * i, **extra} for i in range(3)]  # fmt: skip
         (tmp_path / side / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for ck, acc in (("cold", 0.1), ("r1mega_final", 0.2)):
-        (tmp_path / f"eval_{ck}_greedy").mkdir()
-        summary = {"gsm8k": {"pass@1": acc, "pass@1_se": 0.01, "format_rate": 0.9}}
-        (tmp_path / f"eval_{ck}_greedy" / "eval.json").write_text(json.dumps({"summary": summary}))
+    n = 20  # greedy: cold right on problems 0-1, r1mega on 0-4; k=8: cold i % 3 == 0 of 8, r1mega one more
+    greedy = {"cold": [[i < 2] for i in range(n)], "r1mega_final": [[i < 5] for i in range(n)]}
+    sampled = {"cold": [[j < i % 3 for j in range(8)] for i in range(n)],
+               "r1mega_final": [[j <= i % 3 for j in range(8)] for i in range(n)]}  # fmt: skip
+    for ck in greedy:
+        save_results(_eval_results(greedy[ck], True), tmp_path / f"eval_{ck}" / "eval_greedy.json")
+        save_results(_eval_results(sampled[ck], False), tmp_path / f"eval_{ck}" / "eval.json")
     table = bench.report(tmp_path, {"r1mega": {"peak_gpu_mib": 2048, "wall_s": 60}})
     assert "| median step (s) | 3.00 | 3.00 |" in table and "| peak GPU memory (nvidia-smi, GiB) | 2.0 | 0.0 |" in table
-    assert "| cold start | 0.1000 | 0.0100 | nan | 0.900 |" in table and "| TRL after | nan |" in table
+    assert "| steps / RL minutes / stage wall (s) | 3 / 0.15 / 60 |" in table  # 2 + 3 + 4 s
+    se = lambda xs: statistics.stdev(xs) / math.sqrt(len(xs))  # noqa: E731
+    g0, g1 = [float(i < 2) for i in range(n)], [float(i < 5) for i in range(n)]
+    k0, k1 = [(i % 3) / 8 for i in range(n)], [(i % 3 + 1) / 8 for i in range(n)]
+    z_g = (statistics.fmean(g1) - statistics.fmean(g0)) / math.hypot(se(g1), se(g0))
+    paired_g = statistics.fmean([b - a for a, b in zip(g0, g1)]) / se([b - a for a, b in zip(g0, g1)])
+    cold = f"| cold start | 10.00 +- {100 * se(g0):.2f} | {100 * statistics.fmean(k0):.2f} +- {100 * se(k0):.2f} |"
+    assert cold in table
+    row = next(line for line in table.splitlines() if line.startswith("| r1mega after"))
+    assert f"| +15.00 (z {z_g:.1f}, paired {paired_g:.1f}) |" in row, row
+    assert "| +12.50 (z " in row and "paired inf" in row  # every problem gains exactly 1/8: zero spread
+    assert f"| {100 * statistics.fmean(k1):.2f} +- {100 * se(k1):.2f} |" in row
+    assert "| pass@1 gain per RL GPU-minute (points) | 83.333 | nan |" in table  # 12.5 points in 0.15 min
+    assert table.splitlines()[-1] == "| TRL after | - | - | - | - | - / - | - | - | - |"  # not run
     assert (tmp_path / "e2e_table.md").read_text().strip() == table
     assert (tmp_path / "e2e_curves.png").stat().st_size > 10_000
     import tarfile
@@ -123,7 +158,7 @@ def test_report_table_and_curves_from_run_logs(tmp_path):
         tar.extractall(tmp_path / "unpacked", filter="data")
     got = tmp_path / "unpacked"
     assert (got / "trl" / "metrics.jsonl").read_text() == (tmp_path / "trl" / "metrics.jsonl").read_text()
-    assert (got / "eval_cold_greedy" / "eval.json").is_file()
+    assert (got / "eval_cold" / "eval_greedy.json").is_file() and (got / "eval_cold" / "eval.json").is_file()
     assert bench.report(got, {"r1mega": {"peak_gpu_mib": 2048, "wall_s": 60}}) == table  # the report, here
 
 

@@ -105,6 +105,7 @@ def test_cli_table_json_and_numbers_recomputed_from_the_json(sft_model, tmp_path
     out = tmp_path / "run"
     args = [*OVERRIDES, f"model.checkpoint={sft_model.ckpt}", f"eval.sets=[heldout,{mine}]", "eval.question_key=q"]
     args += ["eval.answer_key=a", "eval.k=4", "eval.chunk_problems=16", "eval.max_new_tokens=24"]
+    args += ["eval.also_greedy=true"]
     proc = _run_cli([*args, f"logging.out_dir={out}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for text in ("r1mega-eval (k=4, T=0.6, top-p=0.95, template compact)", "pass@1", "pass@4", "cons@4", "mine"):
@@ -147,6 +148,22 @@ def test_cli_table_json_and_numbers_recomputed_from_the_json(sft_model, tmp_path
     assert not list(out.glob("eval_chunks.rank*.jsonl"))  # the finished chunks go once eval.json is written
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["eval/heldout/pass@1"] == pytest.approx(data["summary"]["heldout"]["pass@1"])
+    # eval.also_greedy: the same model's greedy answers, in the same run, equal to the runner's greedy pass
+    greedy = json.loads((out / "eval_greedy.json").read_text())
+    assert greedy["settings"]["greedy"] is True and not list(out.glob("eval_greedy_chunks.rank*.jsonl"))
+    assert [len(p["samples"]) for p in greedy["sets"]["heldout"]] == [1] * 32
+    from r1mega.eval.runner import EvalSettings, evaluate
+    from r1mega.rewards import RewardScorer
+
+    how = EvalSettings(greedy=True, template="compact", max_new_tokens=24, chunk_problems=16, progress=False)
+    with RewardScorer(sft_model.cfg.reward) as scorer:
+        ref = evaluate(sft_model.engine, sft_model.tok, scorer, {"heldout": sft_model.heldout}, how)
+    assert [p["samples"][0]["response"] for p in greedy["sets"]["heldout"]] == [
+        p.samples[0].response for p in ref.sets["heldout"].problems
+    ]
+    assert greedy["summary"]["heldout"]["pass@1"] == pytest.approx(ref.sets["heldout"].metrics["pass@1"])
+    assert logged[0]["eval_greedy/heldout/pass@1"] == greedy["summary"]["heldout"]["pass@1"]  # its own row
+    assert "r1mega-eval (greedy, template compact)" in proc.stderr
 
 
 def test_cli_stops_on_a_malformed_row_before_building_a_model(tmp_path):

@@ -12,8 +12,9 @@ One job, one process per stage (each side starts on a clean GPU, so peak memorie
    applies it to conversational prompts), with r1mega's reward code (``RewardScorer``: the same format + accuracy
    rules, weights and timeouts). Rollouts: TRL's default ``model.generate`` (vLLM is not carried to the machine).
    Its code: tools/e2e_trl_side.py.
-4. ``eval``: ``r1mega-eval`` on GSM8K test (all 1319; greedy, and pass@1 over 8 samples) of the cold-start, r1mega
-   and TRL checkpoints: one evaluator for all three.
+4. ``eval``: ``r1mega-eval`` on GSM8K test (all 1319; greedy, and pass@1 over 8 samples, in one process per
+   checkpoint: ``eval.also_greedy``) of the cold-start, r1mega and TRL checkpoints: one evaluator for all three.
+   ``r1mega_fp8`` (only when named in ``--stage``): the r1mega run with ``train.fp8=blockwise``, for its step time.
 5. ``report``: one table (per-step time split, tokens/s, peak GPU memory, accuracy before / after) and PNG curves
    (tools/e2e_report.py).
 
@@ -193,7 +194,10 @@ class GpuMemory:
     def _poll(self) -> None:
         while not self._stop.wait(0.5):
             q = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
-            out = subprocess.run(q, capture_output=True, text=True).stdout.split()
+            try:
+                out = subprocess.run(q, capture_output=True, text=True).stdout.split()
+            except FileNotFoundError:  # no GPU driver here (the CPU test): nothing to measure
+                return
             if out:
                 self.peak_mib = max(self.peak_mib, max(int(x) for x in out))
 
@@ -222,23 +226,25 @@ def run_stage(name: str, cmd: list[str], out: Path, timeout: int) -> dict[str, A
 START_S = 150  # a training stage's time outside its RL loop: imports, model build, SGLang start, evals, export
 
 
-def r1mega_cmds(out: Path, extra: list[str], rl_minutes: float | None = None) -> dict[str, list[str]]:
+def r1mega_cmds(
+    out: Path, extra: list[str], rl_minutes: float | None = None, fp8: str = "blockwise"
+) -> dict[str, list[str]]:
     """Every stage's command. ``rl_minutes``: ``train.max_minutes`` of the r1mega and TRL runs (both stop
     gracefully and export at it: a stage killed by its timeout would leave no checkpoint to evaluate)."""
     py, train = sys.executable, [sys.executable, "-m", "r1mega.train", *PRESET]
     cap = [] if rl_minutes is None else [f"train.max_minutes={rl_minutes:.2f}"]
     evals = {}
-    for ck in ("cold", "r1mega_final", "trl_final"):
-        common = [*PRESET, f"model.hf_path={out / ck}", "sft.steps=0", "eval.sets=[gsm8k]", "rollout=sglang"]
-        evals[f"eval_{ck}_greedy"] = [py, "-m", "r1mega.eval.cli", *common, "eval.greedy=true",
-                                      f"logging.out_dir={out / f'eval_{ck}_greedy'}", *extra]  # fmt: skip
-        evals[f"eval_{ck}_k8"] = [py, "-m", "r1mega.eval.cli", *common, "eval.k=8", "eval.pass_at=[1,8]",
-                                  "eval.save_responses=false",  # 10k answers: the archive must stay < 16 MiB
-                                  f"logging.out_dir={out / f'eval_{ck}_k8'}", *extra]  # fmt: skip
+    for ck in ("cold", "r1mega_final", "trl_final"):  # one process each: greedy, then k=8 samples, one model load
+        evals[f"eval_{ck}"] = [py, "-m", "r1mega.eval.cli", *PRESET, f"model.hf_path={out / ck}", "sft.steps=0",
+                               "eval.sets=[gsm8k]", "eval.also_greedy=true", "eval.k=8", "eval.pass_at=[1,8]",
+                               "eval.chunk_problems=660", "rollout=sglang", "rollout.max_batch_size=1024",
+                               "rollout.cuda_graph_max_bs=1024", f"logging.out_dir={out / f'eval_{ck}'}",
+                               *extra]  # fmt: skip
     return {
         "cold": [
             *train,
             "train.steps=0",
+            "rollout=megatron",  # no SGLang start-up for an SFT-only stage
             "data.num_eval=8",  # the cold start's accuracy comes from r1mega-eval on the full test set
             f"train.export_hf_dir={out / 'cold'}",
             f"logging.out_dir={out / 'r1_cold'}",
@@ -254,6 +260,15 @@ def r1mega_cmds(out: Path, extra: list[str], rl_minutes: float | None = None) ->
             *cap,
         ],  # fmt: skip
         "trl": [py, __file__, "--trl-child", "--out", str(out), "--", *extra, *cap],
+        "r1mega_fp8": [
+            *train,
+            f"model.hf_path={out / 'cold'}",
+            "sft.steps=0",
+            f"train.fp8={fp8}",
+            f"logging.out_dir={out / 'r1mega_fp8'}",
+            *extra,
+            *cap,
+        ],  # the FP8 run: its step time; no export
         **evals,
     }
 
@@ -274,7 +289,7 @@ def copy_results(out: Path, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     path = dest / "e2e_results.tgz"
     with tarfile.open(path, "w:gz") as tar:
-        for pattern in ("stages.json", "*.log", "*/metrics.jsonl", "eval_*/eval.json", "*/wandb/offline-run-*"):
+        for pattern in ("stages.json", "*.log", "*/metrics.jsonl", "eval_*/eval*.json", "*/wandb/offline-run-*"):
             for src in sorted(out.glob(pattern)):
                 tar.add(src, arcname=str(src.relative_to(out)))
     return path
@@ -282,7 +297,7 @@ def copy_results(out: Path, dest: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- the CLI
 
-STAGES = ("cold", "r1mega", "trl", "eval", "report")
+STAGES = ("cold", "r1mega", "trl", "eval", "report")  # the whole job; r1mega_fp8 runs when named
 
 
 def main() -> None:
@@ -292,6 +307,7 @@ def main() -> None:
     ap.add_argument("--stage", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
     ap.add_argument("--timeout", type=int, default=570, help="seconds per stage (a device command: <= 600)")
     ap.add_argument("--results", help="copy the small artefacts (metrics, eval.json, logs) here, e.g. $OUT")
+    ap.add_argument("--fp8", default="blockwise", help="train.fp8 of the r1mega_fp8 stage (blockwise | tensorwise)")
     ap.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)  # the trl stage's own process
     ap.add_argument("overrides", nargs="*", help="r1mega Hydra overrides for every stage (after --)")
     args = ap.parse_args()
@@ -307,7 +323,7 @@ def main() -> None:
         cfg = compose([f"model.hf_path={out / 'cold'}", "sft.steps=0", *args.overrides])
         run_trl(out, cfg, check_mapping(cfg, str(out / "trl")))
         return
-    wanted = args.stage.split(",")  # stage groups (STAGES) or single stage names (eval_cold_greedy, ...)
+    wanted = args.stage.split(",")  # stage groups (STAGES) or single stage names (eval_cold, ...)
     out.mkdir(parents=True, exist_ok=True)
     if wanted == ["report"]:  # on the CPU, from the files a device command brought back
         print(report(out, json.loads((out / "stages.json").read_text()) if (out / "stages.json").is_file() else {}))
@@ -316,7 +332,7 @@ def main() -> None:
     check_mapping(cfg)  # before the GPU
     info_path = out / "stages.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    cmds = r1mega_cmds(out, args.overrides, rl_minutes(cfg.train.max_minutes, args.timeout))
+    cmds = r1mega_cmds(out, args.overrides, rl_minutes(cfg.train.max_minutes, args.timeout), args.fp8)
     for name in [n for n in cmds if n in wanted or (n.startswith("eval_") and "eval" in wanted)]:
         try:
             info[name] = run_stage(name, cmds[name], out, args.timeout)

@@ -7,15 +7,62 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
 
-def _eval(out: Path, name: str) -> dict[str, float]:
-    p = out / name / "eval.json"
-    return json.loads(p.read_text())["summary"]["gsm8k"] if p.is_file() else {}
+CHECKPOINTS = (("cold start", "cold"), ("r1mega after", "r1mega_final"), ("TRL after", "trl_final"))
+
+
+def _evals(out: Path, ck: str):
+    """(greedy, k-sampled) EvalResults of one checkpoint's ``eval_<ck>`` stage (None where missing)."""
+    from r1mega.eval.results import load_results
+
+    paths = (out / f"eval_{ck}" / "eval_greedy.json", out / f"eval_{ck}" / "eval.json")
+    return tuple(load_results(p) if p.is_file() else None for p in paths)
+
+
+def _pct(res, key: str, se: bool = False, scale: float = 100) -> str:
+    """A metric of the GSM8K set in percent (``scale`` 1: as is), with its standard error; "-" when not run."""
+    if res is None or key not in res.sets.get("gsm8k", SimpleNamespace(metrics={})).metrics:
+        return "-"
+    m = res.sets["gsm8k"].metrics
+    return f"{scale * m[key]:.{2 if scale == 100 else 0}f}" + (f" +- {100 * m[key + '_se']:.2f}" if se else "")
+
+
+def _delta(res, base) -> str:
+    """After - cold on the same problems: the difference, its unpaired z and paired z (r1mega/eval/compare.py)."""
+    from r1mega.eval.compare import compare_results
+
+    if res is None or base is None:
+        return "-"
+    (c,) = compare_results(res, base)
+    return f"{100 * (c.pass1_a - c.pass1_b):+.2f} (z {c.z:.1f}, paired {c.paired_z:.1f})"
+
+
+def accuracy_table(out: Path) -> tuple[list[str], dict[str, float]]:
+    """GSM8K test before / after for both sides; and each side's pass@1 gain (k samples) in points."""
+    evals = {ck: _evals(out, ck) for _, ck in CHECKPOINTS}
+    cold_g, cold_k = evals["cold"]
+    n = len(cold_g.sets["gsm8k"].problems) if cold_g is not None and "gsm8k" in cold_g.sets else 0
+    lines = [f"| GSM8K test ({n} problems) | greedy % +- se | pass@1 % +- se (k=8) | cons@8 % | pass@8 % | format % "
+             "(greedy / k=8) | len (tok, k=8) | greedy vs cold: points (z, paired z) | pass@1 vs cold |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    gains = {}
+    for label, ck in CHECKPOINTS:
+        g, k = evals[ck]
+        lines.append(
+            f"| {label} | {_pct(g, 'pass@1', True)} | {_pct(k, 'pass@1', True)} | {_pct(k, 'cons@8')} | "
+            f"{_pct(k, 'pass@8')} | {_pct(g, 'format_rate')} / {_pct(k, 'format_rate')} | "
+            f"{_pct(k, 'length_mean', scale=1)} | "
+            f"{'' if ck == 'cold' else _delta(g, cold_g)} | {'' if ck == 'cold' else _delta(k, cold_k)} |"
+        )
+        if ck != "cold" and k is not None and cold_k is not None:
+            gains[ck] = 100 * (k.sets["gsm8k"].metrics["pass@1"] - cold_k.sets["gsm8k"].metrics["pass@1"])
+    return lines, gains
 
 
 def report(out: Path, stages: dict[str, dict]) -> str:
@@ -23,7 +70,8 @@ def report(out: Path, stages: dict[str, dict]) -> str:
     runs = {"r1mega": _rows(out / "r1mega" / "metrics.jsonl"), "TRL": _rows(out / "trl" / "metrics.jsonl")}
     runs = {k: [r for r in v if "time/step" in r] for k, v in runs.items()}
     med = lambda rows, k: statistics.median([r[k] for r in rows if r.get(k) is not None]) if rows else float("nan")  # noqa: E731
-    final = {"r1mega": "r1mega_final", "TRL": "trl_final"}
+    rl_min = {k: sum(r["time/step"] for r in v) / 60 for k, v in runs.items()}  # GPU minutes in the RL loop
+    gap = [r["rollout/logp_diff_mean"] for r in runs["r1mega"] if r.get("rollout/logp_diff_mean") is not None]
     lines = [
         "| | r1mega | TRL 1.16 (HF generate) |", "|---|---|---|",
         *[f"| median {k} (s) | {med(runs['r1mega'], 'time/' + k):.2f} | {med(runs['TRL'], 'time/' + k):.2f} |"
@@ -32,16 +80,21 @@ def report(out: Path, stages: dict[str, dict]) -> str:
         f"{med(runs['TRL'], 'perf/tokens_per_s'):.0f} |",
         f"| peak GPU memory (nvidia-smi, GiB) | {stages.get('r1mega', {}).get('peak_gpu_mib', 0) / 1024:.1f} | "
         f"{stages.get('trl', {}).get('peak_gpu_mib', 0) / 1024:.1f} |",
-        f"| steps / stage wall (s) | {len(runs['r1mega'])} / {stages.get('r1mega', {}).get('wall_s', 0):.0f} | "
-        f"{len(runs['TRL'])} / {stages.get('trl', {}).get('wall_s', 0):.0f} |",
+        f"| steps / RL minutes / stage wall (s) | {len(runs['r1mega'])} / {rl_min['r1mega']:.2f} / "
+        f"{stages.get('r1mega', {}).get('wall_s', 0):.0f} | {len(runs['TRL'])} / {rl_min['TRL']:.2f} / "
+        f"{stages.get('trl', {}).get('wall_s', 0):.0f} |",
+        f"| SGLang vs trainer mean \\|dlogp\\| per step: median (max) | "
+        f"{(statistics.median(gap) if gap else float('nan')):.4f} ({max(gap, default=float('nan')):.4f}) | - |",
     ]  # fmt: skip
-    cold_g, cold_k = _eval(out, "eval_cold_greedy"), _eval(out, "eval_cold_k8")
-    lines += ["", "| GSM8K test (1319) | greedy acc | +- se | pass@1 (k=8) | format rate |", "|---|---|---|---|---|"]
-    for label, ck in (("cold start", "cold"), ("r1mega after", final["r1mega"]), ("TRL after", final["TRL"])):
-        g, k = (cold_g, cold_k) if ck == "cold" else (_eval(out, f"eval_{ck}_greedy"), _eval(out, f"eval_{ck}_k8"))
-        lines.append(f"| {label} | {g.get('pass@1', float('nan')):.4f} | {g.get('pass@1_se', float('nan')):.4f} | "
-                     f"{k.get('pass@1', float('nan')):.4f} | {g.get('format_rate', float('nan')):.3f} |")  # fmt: skip
-    table = "\n".join(lines)
+    acc, gains = accuracy_table(out)
+    per_min = [gains.get(ck, float("nan")) / m if m else float("nan") for ck, m in
+               (("r1mega_final", rl_min["r1mega"]), ("trl_final", rl_min["TRL"]))]  # fmt: skip
+    lines.append(f"| pass@1 gain per RL GPU-minute (points) | {per_min[0]:.3f} | {per_min[1]:.3f} |")
+    if fp8 := [r for r in _rows(out / "r1mega_fp8" / "metrics.jsonl") if "time/step" in r]:  # the FP8 run, if any
+        lines.append(f"| r1mega FP8: median step / training (s), steps | {med(fp8, 'time/step'):.2f} / "
+                     f"{med(fp8, 'time/training'):.2f}, {len(fp8)} | (bf16: {med(runs['r1mega'], 'time/step'):.2f} / "
+                     f"{med(runs['r1mega'], 'time/training'):.2f}) |")  # fmt: skip
+    table = "\n".join([*lines, "", *acc])
     (out / "e2e_table.md").write_text(table + "\n")
     _plot(runs, out / "e2e_curves.png")
     return table

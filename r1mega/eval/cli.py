@@ -19,6 +19,8 @@ again with the same command, generates only the chunks it had not finished (``ev
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 from r1mega.train import CONF_DIR, _quiet
 
@@ -32,6 +34,12 @@ def model_source(m) -> str:
             "nothing to evaluate: set model.checkpoint=<megatron checkpoint dir> or model.hf_path=<HF model folder>"
         )
     return m.checkpoint or m.hf_path
+
+
+def _with_suffix(path: str, suffix: str) -> str:
+    """``runs/eval.json`` -> ``runs/eval<suffix>.json``."""
+    p = Path(path)
+    return str(p.with_name(p.stem + suffix + ".json"))
 
 
 def build_policy_and_engine(cfg, runtime, tokenizer):
@@ -59,9 +67,8 @@ def build_policy_and_engine(cfg, runtime, tokenizer):
 
 
 def run(cfg):
-    """Evaluate with the typed ``Config``; returns the :class:`r1mega.eval.results.EvalResults`."""
-    from pathlib import Path
-
+    """Evaluate with the typed ``Config``; returns the :class:`r1mega.eval.results.EvalResults` (the sampled
+    ones when ``eval.also_greedy`` adds a greedy pass)."""
     from omegaconf import OmegaConf
     from rich.console import Console
 
@@ -116,19 +123,23 @@ def run(cfg):
     meta = {"model": cfg.model.name, "checkpoint": cfg.model.checkpoint, "hf_path": cfg.model.hf_path}
     meta.update(tokenizer=cfg.model.tokenizer, eos_id=tokenizer.eos_id, engine=cfg.rollout.backend)
     meta["config"] = container
+    out = cfg.eval.output or str(Path(cfg.logging.out_dir) / "eval.json")
+    runs = [(settings, out, "eval")]
+    if cfg.eval.also_greedy and not settings.greedy:  # the fast one first: a stopped run still has a score
+        runs.insert(0, (replace(settings, greedy=True), _with_suffix(out, "_greedy"), "eval_greedy"))
     try:
         with RewardScorer(cfg.reward) as scorer:
-            out = cfg.eval.output or str(Path(cfg.logging.out_dir) / "eval.json")
-            progress = Path(out).with_name(Path(out).stem + "_progress.json")  # running numbers, chunk by chunk
-            results = evaluate(engine, tokenizer, scorer, sets, settings, meta, progress_path=progress,
-                               chunks_path=out, resume=cfg.eval.resume)  # fmt: skip
-        if runtime.is_main:
-            report(results, out, tracker, step=0, console=console)
-        if runtime.env.world_size > 1:
-            import torch.distributed as dist
+            for how, path, prefix in runs:
+                progress = _with_suffix(path, "_progress")  # running numbers, chunk by chunk
+                results = evaluate(engine, tokenizer, scorer, sets, how, meta, progress_path=progress,
+                                   chunks_path=path, resume=cfg.eval.resume)  # fmt: skip
+                if runtime.is_main:
+                    report(results, path, tracker, step=0, console=console, prefix=prefix)
+                if runtime.env.world_size > 1:
+                    import torch.distributed as dist
 
-            dist.barrier()  # eval.json is written: the finished chunks may go
-        remove_chunks(out)
+                    dist.barrier()  # the results JSON is written: the finished chunks may go
+                remove_chunks(path)
     finally:
         tracker.finish()
         engine.shutdown()

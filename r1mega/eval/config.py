@@ -26,6 +26,9 @@ class EvalConfig:
     k: int = 16  # sampled answers per problem (R1: 64 for AIME; 16 here)
     pass_at: list[int] = field(default_factory=list)  # k' of the pass@k' columns; empty = 1, 2, 4, ... and k
     greedy: bool = False  # one greedy answer per problem instead (k and the sampling fields are ignored)
+    # also one greedy answer per problem, in the same run, before the k sampled ones (R1 reports sampled pass@1; the
+    # greedy score beside it costs no second model load): <output stem>_greedy.json, metrics eval_greedy/*
+    also_greedy: bool = False
     temperature: float = 0.6
     top_p: float = 0.95
     top_k: int = 0  # 0 = off

@@ -67,15 +67,17 @@ def print_table(results: EvalResults, console=None) -> None:
     console.print(render_table(results))
 
 
-def report(results: EvalResults, json_path: str | Path | None, tracker=None, step: int = 0, console=None) -> None:
+def report(
+    results: EvalResults, json_path: str | Path | None, tracker=None, step: int = 0, console=None, prefix: str = "eval"
+) -> None:
     """Print the table, write the JSON (when a path is given) and log the flat summary to ``tracker``
-    (:class:`r1mega.tracking.Tracker`: wandb + metrics.jsonl) at ``step``."""
+    (:class:`r1mega.tracking.Tracker`: wandb + metrics.jsonl) at ``step``, its keys under ``prefix``."""
     print_table(results, console)
     if json_path is not None:
         path = save_results(results, json_path)
         if console is not None:
             console.print(f"per-problem results: {path}")
     if tracker is not None:
-        flat = results.flat_metrics()
+        flat = results.flat_metrics(prefix)
         tracker.log(flat, step=step)
         tracker.summary(flat)
