@@ -20,7 +20,7 @@ case "$cmd" in
   train) exec r1mega-train "$@" ;;
   test)
     set +e
-    python -m pytest -q -p no:cacheprovider "$@"
+    python -m pytest -q -p no:cacheprovider --durations=25 "$@"  # the slowest tests: CI has a 30-minute limit
     rc=$?
     if [ $rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi
     exit $rc ;;
