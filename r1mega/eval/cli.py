@@ -19,6 +19,7 @@ again with the same command, generates only the chunks it had not finished (``ev
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -119,7 +120,9 @@ def run(cfg):
         container,
         enabled=runtime.is_main,
     )
+    t_build = time.perf_counter()
     policy, engine = build_policy_and_engine(cfg, runtime, tokenizer)
+    console.print(f"model + {cfg.rollout.backend} engine ready in {time.perf_counter() - t_build:.1f} s")
     meta = {"model": cfg.model.name, "checkpoint": cfg.model.checkpoint, "hf_path": cfg.model.hf_path}
     meta.update(tokenizer=cfg.model.tokenizer, eos_id=tokenizer.eos_id, engine=cfg.rollout.backend)
     meta["config"] = container
