@@ -161,6 +161,10 @@ class SGLangRolloutConfig(RolloutConfig):
     disable_prefill_cuda_graph: bool = True
     cuda_graph_max_bs: Optional[int] = None  # largest decode batch run as a CUDA graph (cuda_graph_max_bs_decode);
     # None = SGLang's own choice (256 on the H200), above it a decode step runs eagerly
+    # the decode batch sizes captured as CUDA graphs (cuda_graph_bs_decode; a batch between two runs padded to the
+    # next): None = SGLang's list up to cuda_graph_max_bs, 68 sizes at 1024, each captured at every engine start
+    # (~150 s of the H200 eval's start-up on 2026-12-03); a short list such as [1,2,4,...,512,768,1024] starts faster
+    cuda_graph_bs: Optional[list[int]] = None
     chunked_prefill_size: Optional[int] = None  # SGLang's chunked_prefill_size; None = its default, -1 = off
     # enable_deterministic_inference: honours the per-request sampling seeds; batch-invariant kernels (the triton
     # decode attention in fixed 256-token KV splits, log-probs through F.log_softmax)
@@ -185,6 +189,14 @@ class SGLangRolloutConfig(RolloutConfig):
             choices={"sampling_backend": SGLangSampling},
         )
         _in_range(self, "rollout", "mem_fraction", "(0, 1)")
+        if self.cuda_graph_bs is not None:
+            if not self.cuda_graph_bs or any(int(b) < 1 for b in self.cuda_graph_bs):
+                raise ConfigError(f"rollout.cuda_graph_bs={list(self.cuda_graph_bs)}: give positive batch sizes")
+            if self.cuda_graph_max_bs is not None:
+                raise ConfigError(
+                    "rollout.cuda_graph_bs and rollout.cuda_graph_max_bs are both set: the list's largest size is the "
+                    "max; drop rollout.cuda_graph_max_bs"
+                )
 
 
 @dataclass

@@ -47,11 +47,13 @@ def sft_model(tmp_path_factory):
         tok = CharTokenizer()
         train, heldout = load_problems(cfg.data)
         policy = MegatronEngine(cfg, rt, tok.vocab_size)
+        raw = tmp_path_factory.mktemp("raw") / "ckpt"
+        save_model(policy.model, raw)  # the initial weights: another model of the same architecture
         cold_start_sft(cfg, policy, train, tok)
         ckpt = tmp_path_factory.mktemp("sft") / "ckpt"
         save_model(policy.model, ckpt)
         engine = MegatronRolloutEngine(policy.model, tok, policy.padded_vocab, 64, 64)
-        yield SimpleNamespace(cfg=cfg, tok=tok, train=train, heldout=heldout, engine=engine, ckpt=ckpt)
+        yield SimpleNamespace(cfg=cfg, rt=rt, tok=tok, train=train, heldout=heldout, engine=engine, ckpt=ckpt, raw=raw)
     finally:
         shutdown_runtime()
 
@@ -164,6 +166,44 @@ def test_cli_table_json_and_numbers_recomputed_from_the_json(sft_model, tmp_path
     assert greedy["summary"]["heldout"]["pass@1"] == pytest.approx(ref.sets["heldout"].metrics["pass@1"])
     assert logged[0]["eval_greedy/heldout/pass@1"] == greedy["summary"]["heldout"]["pass@1"]  # its own row
     assert "r1mega-eval (greedy, template compact)" in proc.stderr
+
+
+def test_cli_evaluates_several_models_on_one_engine(sft_model, tmp_path):
+    """eval.models: the SFT model, then the initial weights loaded into the same policy and engine; each label's
+    greedy answers equal an independent evaluation of that checkpoint alone (the swap leaves nothing behind)."""
+    from r1mega.checkpoint import load_model
+    from r1mega.engine import MegatronEngine
+    from r1mega.eval.runner import EvalSettings, evaluate
+    from r1mega.rewards import RewardScorer
+    from r1mega.rollout.megatron_engine import MegatronRolloutEngine
+
+    m, out = sft_model, tmp_path / "run"
+    args = [*OVERRIDES, f"eval.models=[sft:{m.ckpt},raw:{m.raw}]", "eval.sets=[heldout]", "eval.greedy=true"]
+    args += ["eval.max_new_tokens=24", "eval.chunk_problems=32", f"logging.out_dir={out}"]
+    proc = _run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "raw: weights loaded and pushed in" in proc.stderr
+    raw_policy = MegatronEngine(m.cfg, m.rt, m.tok.vocab_size)
+    load_model(raw_policy.model, m.raw)
+    raw_engine = MegatronRolloutEngine(raw_policy.model, m.tok, raw_policy.padded_vocab, 64, 64)
+    how = EvalSettings(greedy=True, template="compact", max_new_tokens=24, chunk_problems=32, progress=False)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    with RewardScorer(m.cfg.reward) as scorer:
+        for label, engine, path in (("sft", m.engine, m.ckpt), ("raw", raw_engine, m.raw)):
+            ref = evaluate(engine, m.tok, scorer, {"heldout": m.heldout}, how).sets["heldout"]
+            data = json.loads((out / label / "eval.json").read_text())
+            assert data["meta"]["label"] == label and data["meta"]["checkpoint"] == str(path)
+            got = [p["samples"][0]["response"] for p in data["sets"]["heldout"]]
+            assert got == [p.samples[0].response for p in ref.problems], label
+            row = next(r for r in logged if f"eval/{label}/heldout/pass@1" in r)
+            assert row[f"eval/{label}/heldout/pass@1"] == pytest.approx(ref.metrics["pass@1"])
+    assert data["summary"]["heldout"]["pass@1"] < json.loads((out / "sft" / "eval.json").read_text())["summary"][
+        "heldout"]["pass@1"], "the SFT model beats its initial weights"  # fmt: skip
+
+
+def test_cli_refuses_a_missing_model_folder_before_loading(tmp_path):
+    proc = _run_cli([*OVERRIDES, f"eval.models=[a:{tmp_path / 'nope'}]", "eval.sets=[heldout]"], tmp_path)
+    assert proc.returncode == 2 and "eval.models.a=" in proc.stderr and "no such folder" in proc.stderr
 
 
 def test_cli_stops_on_a_malformed_row_before_building_a_model(tmp_path):

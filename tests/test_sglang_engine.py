@@ -99,11 +99,15 @@ class FakeEngine:
         assert not self.offloaded, f"generate while {self.offloaded} released"
         assert self.loaded, "generate on dummy weights"
         starts = kw.pop("logprob_start_len", None)  # per request, as SGLang's Engine.generate takes it
-        assert return_logprob and not kw
+        assert not kw
         assert not return_routed_experts or self.kwargs.get("enable_return_routed_experts"), "server flag missing"
         self.calls.append(("generate", len(input_ids)))
         self.last_request = (input_ids, sampling_params)
         outs = [self.responder(i, ids, sp) for i, (ids, sp) in enumerate(zip(input_ids, sampling_params))]
+        if not return_logprob:  # as SGLang: no log-prob entries in meta_info
+            assert starts is None
+            for o in outs:
+                o["meta_info"].pop("output_token_logprobs", None)
         for ids, o, k in zip(input_ids, outs, starts or []):  # as SGLang: from k on, the first value None
             o["meta_info"]["input_token_logprobs"] = [
                 (None if j == k else -0.01 * j, ids[j], None) for j in range(k, len(ids))
@@ -343,6 +347,19 @@ def test_request_and_response_mapping(setup):
     assert [s["sampling_seed"] for s in fake.last_request[1]] == seeds and len(again) == len(prompts)
     engine.generate(prompts, SamplingParams(top_k=1, max_new_tokens=5))  # greedy, no seed
     assert fake.last_request[1][0]["top_k"] == 1 and "sampling_seed" not in fake.last_request[1][0]
+
+
+def test_generation_without_log_probs(setup):
+    """Evaluation asks for none (SamplingParams.logprobs=False): SGLang gets return_logprob=False and the rollouts
+    carry NaN, with the same tokens and the same stop handling (a trimmed EOS restored from finish_reason)."""
+    cfg, tok, policy, engine, fake = setup
+    engine.resume_memory()
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    want = engine.generate(prompts, SamplingParams(max_new_tokens=5, seed=3))
+    got = engine.generate(prompts, SamplingParams(max_new_tokens=5, seed=3, logprobs=False))
+    assert [r.response_ids for r in got] == [r.response_ids for r in want]
+    assert [r.finished for r in got] == [r.finished for r in want]
+    assert all(len(r.logprobs) == len(r.response_ids) and all(math.isnan(x) for x in r.logprobs) for r in got)
 
 
 def test_score_reads_the_prefill_log_probs_of_the_tail(setup):

@@ -158,6 +158,7 @@ def test_knobs_and_routed_experts(runtime, fake):
     assert kw["disable_cuda_graph"] is False and kw["attention_backend"] == "triton"  # CUDA graphs on by default
     assert kw["disable_prefill_cuda_graph"] is True  # but not the start-up capture of ~58 prefill graphs
     assert "cuda_graph_max_bs_decode" not in kw  # SGLang's own choice unless rollout.cuda_graph_max_bs is set
+    assert "cuda_graph_bs_decode" not in kw  # and its own list of sizes unless rollout.cuda_graph_bs is set
     assert kw["triton_attention_num_kv_splits"] == 16 and kw["mem_fraction_static"] == 0.25
     assert kw["chunked_prefill_size"] == 4096 and kw["enable_return_routed_experts"] is True
     engine.resume_memory()
@@ -168,3 +169,21 @@ def test_knobs_and_routed_experts(runtime, fake):
         want = (torch.arange(n * 3 * 2) % 4).reshape(n, 3, 2)
         assert torch.equal(r.routed_experts, want)  # SGLang's [seq - 1, num_hidden_layers, topk], decoded
     engine.shutdown()
+
+
+def test_cuda_graph_batch_sizes(runtime, fake):
+    """rollout.cuda_graph_bs -> SGLang's cuda_graph_bs_decode (sorted, unique); with cuda_graph_max_bs too it is
+    refused (the list's largest size is the max), and so is an empty or non-positive list."""
+    from r1mega.config import ConfigError, SGLangRolloutConfig
+    from r1mega.rollout.sglang_engine import SGLangRolloutEngine
+
+    cfg, tok = small_config(), CharTokenizer()
+    cfg.rollout.cuda_graph_bs = [64, 1, 8, 8, 1024]
+    engine = SGLangRolloutEngine(cfg, make_policy(cfg, tok), tok)
+    assert FakeEngine.instances[-1].kwargs["cuda_graph_bs_decode"] == [1, 8, 64, 1024]
+    engine.shutdown()
+    with pytest.raises(ConfigError, match="rollout.cuda_graph_bs and rollout.cuda_graph_max_bs are both set"):
+        SGLangRolloutConfig(cuda_graph_bs=[1, 2], cuda_graph_max_bs=256)
+    for bad in ([], [0, 4]):
+        with pytest.raises(ConfigError, match="rollout.cuda_graph_bs=.*positive"):
+            SGLangRolloutConfig(cuda_graph_bs=bad)

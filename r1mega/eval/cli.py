@@ -26,45 +26,38 @@ from pathlib import Path
 from r1mega.train import CONF_DIR, _quiet
 
 
-def model_source(m) -> str:
-    """What is evaluated: ``model.checkpoint`` (megatron; wins when both are set) or ``model.hf_path``."""
-    from r1mega.config import ConfigError
-
-    if not (m.checkpoint or m.hf_path):
-        raise ConfigError(
-            "nothing to evaluate: set model.checkpoint=<megatron checkpoint dir> or model.hf_path=<HF model folder>"
-        )
-    return m.checkpoint or m.hf_path
-
-
 def _with_suffix(path: str, suffix: str) -> str:
     """``runs/eval.json`` -> ``runs/eval<suffix>.json``."""
     p = Path(path)
     return str(p.with_name(p.stem + suffix + ".json"))
 
 
-def build_policy_and_engine(cfg, runtime, tokenizer):
-    """The model under evaluation and a rollout engine on it: the ONE place both are built.
+def build_policy_and_engine(cfg, runtime, tokenizer, first):
+    """The model under evaluation, holding ``first``'s weights (an :class:`r1mega.eval.sources.EvalModel`), and a
+    rollout engine on it: the ONE place both are built.
 
-    As ``r1mega-train`` builds them (:class:`r1mega.engine.MegatronEngine` + ``load_model`` of ``model.checkpoint``
-    or ``load_hf_weights`` of ``model.hf_path``; :func:`r1mega.rollout.build_rollout_engine`). No reference model
-    is built (nothing is trained); the engine also allocates its optimizer, which megatron builds together with the
-    DDP wrapper.
+    As ``r1mega-train`` builds them (:class:`r1mega.engine.MegatronEngine`, the weights of a megatron checkpoint
+    or an HF folder; :func:`r1mega.rollout.build_rollout_engine`). No reference model is built (nothing is
+    trained); the engine also allocates its optimizer, which megatron builds together with the DDP wrapper.
     """
-    from r1mega.checkpoint import load_model
     from r1mega.engine import MegatronEngine
-    from r1mega.model.hf_load import load_hf_weights
+    from r1mega.eval.sources import load_weights
     from r1mega.rollout import build_rollout_engine
 
-    model_source(cfg.model)
     cfg.algo.beta = 0.0  # no reference model
     policy = MegatronEngine(cfg, runtime, cfg.model.vocab_size or tokenizer.vocab_size)
-    if cfg.model.checkpoint:  # a megatron checkpoint wins over hf_path (which then gives only the architecture)
-        load_model(policy.model, cfg.model.checkpoint)
-    else:
-        load_hf_weights(policy.model, cfg.model)
-        policy.optimizer.reload_model_params()  # bf16: the optimizer's fp32 main copies (as r1mega-train)
+    load_weights(policy, cfg, first)
     return policy, build_rollout_engine(cfg, policy.weights, tokenizer)
+
+
+def _check_checkpoints(policy, models) -> None:
+    """Every megatron-checkpoint entry fits the built model (tensor names and shapes; metadata only), before the
+    first evaluation rather than after it."""
+    from r1mega.checkpoint import check_compatible
+
+    for m in models:
+        if not m.is_hf:
+            check_compatible(policy.model, Path(m.path) / "model" if (Path(m.path) / "model").is_dir() else m.path)
 
 
 def run(cfg):
@@ -76,16 +69,16 @@ def run(cfg):
     from r1mega.config import ConfigError, validate
     from r1mega.data.tokenizer import build_tokenizer
     from r1mega.eval.datasets import load_eval_sets
-    from r1mega.eval.report import report
-    from r1mega.eval.runner import EvalSettings, evaluate, remove_chunks
+    from r1mega.eval.runner import EvalSettings
+    from r1mega.eval.sources import architecture_config, eval_models, load_weights
     from r1mega.eval.templates import encode_prompts
-    from r1mega.model.hf_load import resolve_model_config
     from r1mega.parallel.runtime import dist_env_from_environ, init_runtime, shutdown_runtime
     from r1mega.rewards import RewardScorer
     from r1mega.tracking import Tracker
 
-    source = model_source(cfg.model)  # nothing to evaluate: stop before anything is loaded
-    cfg.model = resolve_model_config(cfg.model)  # model.hf_path: architecture + tokenizer from the folder
+    out = cfg.eval.output or str(Path(cfg.logging.out_dir) / "eval.json")
+    models = eval_models(cfg.model, list(cfg.eval.models), out)  # nothing to evaluate: stop before any load
+    cfg.model = architecture_config(cfg.model, models)  # model.hf_path: architecture + tokenizer from the folder
     validate(cfg, world_size=dist_env_from_environ().world_size)
     settings = EvalSettings.from_config(cfg)
     tokenizer = build_tokenizer(cfg.model.tokenizer)
@@ -108,7 +101,7 @@ def run(cfg):
     console = Console(stderr=True, quiet=not runtime.is_main)
     n = sum(len(p) for p in sets.values())
     console.print(
-        f"[bold]r1mega-eval[/] {cfg.model.name} from {source}: {n} problems in "
+        f"[bold]r1mega-eval[/] {cfg.model.name} from {', '.join(m.path for m in models)}: {n} problems in "
         f"{', '.join(f'{k} ({len(v)})' for k, v in sets.items())}, {settings.samples} sample(s) each"
     )
     container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
@@ -121,32 +114,53 @@ def run(cfg):
         enabled=runtime.is_main,
     )
     t_build = time.perf_counter()
-    policy, engine = build_policy_and_engine(cfg, runtime, tokenizer)
+    policy, engine = build_policy_and_engine(cfg, runtime, tokenizer, models[0])
     console.print(f"model + {cfg.rollout.backend} engine ready in {time.perf_counter() - t_build:.1f} s")
-    meta = {"model": cfg.model.name, "checkpoint": cfg.model.checkpoint, "hf_path": cfg.model.hf_path}
-    meta.update(tokenizer=cfg.model.tokenizer, eos_id=tokenizer.eos_id, engine=cfg.rollout.backend)
-    meta["config"] = container
-    out = cfg.eval.output or str(Path(cfg.logging.out_dir) / "eval.json")
-    runs = [(settings, out, "eval")]
-    if cfg.eval.also_greedy and not settings.greedy:  # the fast one first: a stopped run still has a score
-        runs.insert(0, (replace(settings, greedy=True), _with_suffix(out, "_greedy"), "eval_greedy"))
     try:
+        _check_checkpoints(policy, models[1:])
         with RewardScorer(cfg.reward) as scorer:
-            for how, path, prefix in runs:
-                progress = _with_suffix(path, "_progress")  # running numbers, chunk by chunk
-                results = evaluate(engine, tokenizer, scorer, sets, how, meta, progress_path=progress,
-                                   chunks_path=path, resume=cfg.eval.resume)  # fmt: skip
-                if runtime.is_main:
-                    report(results, path, tracker, step=0, console=console, prefix=prefix)
-                if runtime.env.world_size > 1:
-                    import torch.distributed as dist
-
-                    dist.barrier()  # the results JSON is written: the finished chunks may go
-                remove_chunks(path)
+            for i, model in enumerate(models):
+                if i:  # the next model's weights into the same policy and engine: no second start-up
+                    t_load = time.perf_counter()
+                    load_weights(policy, cfg, model)
+                    engine.update_weights(policy.weights)
+                    console.print(f"{model.label}: weights loaded and pushed in {time.perf_counter() - t_load:.1f} s")
+                meta = {"model": cfg.model.name, "label": model.label, "tokenizer": cfg.model.tokenizer}
+                meta.update(checkpoint=None if model.is_hf else model.path, eos_id=tokenizer.eos_id)
+                meta.update(hf_path=model.path if model.is_hf else cfg.model.hf_path)
+                meta.update(engine=cfg.rollout.backend, config=container)
+                results = _evaluate_one(cfg, runtime, engine, tokenizer, scorer, sets, settings, meta, model, tracker,
+                                        console, step=i)  # fmt: skip
     finally:
         tracker.finish()
         engine.shutdown()
         shutdown_runtime()
+    return results
+
+
+def _evaluate_one(cfg, runtime, engine, tokenizer, scorer, sets, settings, meta, model, tracker, console, step):
+    """One model: the greedy pass first when ``eval.also_greedy`` (the fast one: a stopped run still has a score),
+    then the configured one; each reported (table, JSON, tracker under ``eval[_greedy][/<label>]``) as it ends."""
+    from r1mega.eval.report import report
+    from r1mega.eval.runner import evaluate, remove_chunks
+
+    label = f"/{model.label}" if model.label else ""
+    runs = [(settings, model.output, "eval" + label)]
+    if cfg.eval.also_greedy and not settings.greedy:
+        runs.insert(0, (replace(settings, greedy=True), _with_suffix(model.output, "_greedy"), "eval_greedy" + label))
+    for how, path, prefix in runs:
+        if model.label:
+            console.print(f"[bold]{model.label}[/] ({model.path}): {'greedy' if how.greedy else f'k={how.k}'}")
+        progress = _with_suffix(path, "_progress")  # running numbers, chunk by chunk
+        results = evaluate(engine, tokenizer, scorer, sets, how, meta, progress_path=progress, chunks_path=path,
+                           resume=cfg.eval.resume)  # fmt: skip
+        if runtime.is_main:
+            report(results, path, tracker, step=step, console=console, prefix=prefix)
+        if runtime.env.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # the results JSON is written: the finished chunks may go
+        remove_chunks(path)
     return results
 
 

@@ -37,6 +37,12 @@ class EvalConfig:
     seed: int = 0
     chunk_problems: int = 256  # problems per engine call (each with its k samples); the progress bar steps per call
     output: Optional[str] = None  # the per-problem results JSON; None = <logging.out_dir>/eval.json
+    # several models of one architecture and tokenizer, in turn, by one process on one engine (one start-up; each
+    # one's weights pushed as after a training step): [LABEL:]PATH of an HF folder or a megatron checkpoint, e.g.
+    # eval.models=[cold:runs/cold_hf,rl:runs/x/ckpt/step_000099] (no label: the folder's name); label L's results go
+    # to <output's folder>/L/<output's name>. model.checkpoint / model.hf_path then give only the architecture
+    # (unset: the first HF entry's)
+    models: list[str] = field(default_factory=list)
     save_responses: bool = True  # keep every response text in the JSON (large for long answers)
     # a stopped run of the same evaluation (model, settings, problems) goes on after its last finished chunk,
     # kept beside the results JSON (r1mega/eval/chunks.py); false = start over

@@ -57,8 +57,10 @@ class EvalSettings:
 
     def sampling(self, chunk: int) -> SamplingParams:
         if self.greedy:
-            return SamplingParams(1.0, 1.0, 1, self.max_new_tokens)
-        return SamplingParams(self.temperature, self.top_p, self.top_k, self.max_new_tokens, seed=self.seed + chunk)
+            return SamplingParams(1.0, 1.0, 1, self.max_new_tokens, logprobs=False)
+        return SamplingParams(
+            self.temperature, self.top_p, self.top_k, self.max_new_tokens, seed=self.seed + chunk, logprobs=False
+        )
 
     @classmethod
     def from_config(cls, cfg) -> EvalSettings:

@@ -31,6 +31,9 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k; greedy is top_k=1
     max_new_tokens: int = 64
     seed: Optional[int] = None
+    # per-token log-probs in Rollout.logprobs (the trainer's |dlogp| and TIS need them); evaluation asks for none
+    # (NaN), which spares SGLang a log-softmax and a Python list entry per generated token
+    logprobs: bool = True
 
     @property
     def greedy(self) -> bool:

@@ -203,6 +203,8 @@ class SGLangRolloutEngine:
         )
         if self.settings.cuda_graph_max_bs is not None:  # sglang 0.5.17's name (--cuda-graph-max-bs is its alias)
             kwargs["cuda_graph_max_bs_decode"] = self.settings.cuda_graph_max_bs
+        if self.settings.cuda_graph_bs is not None:  # an explicit list: its largest size is SGLang's max_bs
+            kwargs["cuda_graph_bs_decode"] = sorted({int(b) for b in self.settings.cuda_graph_bs})
         if self.settings.chunked_prefill_size is not None:
             kwargs["chunked_prefill_size"] = self.settings.chunked_prefill_size
         if self._routing is not None:
@@ -339,7 +341,7 @@ class SGLangRolloutEngine:
             results = self._engine.generate(
                 input_ids=[list(map(int, p)) for p in prompts],
                 sampling_params=[sampling_dict(params, eos, s) for s in seeds],
-                return_logprob=True,
+                return_logprob=params.logprobs,
                 **extra,
             )
             if len(results) != len(prompts):
