@@ -89,6 +89,20 @@ def test_dry_run_composes_the_preset_and_prints_the_stages(tmp_path):
         assert lines[name].endswith("train.max_minutes=7.00"), lines[name]
     assert "max_minutes" not in lines["cold"] + lines["eval_cold"] and "rollout=megatron" in lines["cold"]
     assert "eval.also_greedy=true" in lines["eval_r1mega_final"] and "train.fp8=blockwise" in lines["r1mega_fp8"]
+    assert f"eval.models=[eval_cold:{tmp_path / 'cold'}]" in lines["eval"]  # nothing trained yet: the cold start
+    assert bench.EVAL_GRAPHS in lines["eval"] and bench.TRAIN_GRAPHS in lines["r1mega"] + lines["r1mega_fp8"]
+
+
+def test_eval_stage_takes_the_checkpoints_made_so_far(tmp_path):
+    """One r1mega-eval process for every HF folder that exists when the stage starts, each into eval_<ck>/."""
+    for ck in ("cold", "trl_final"):
+        (tmp_path / ck).mkdir()
+        (tmp_path / ck / "config.json").write_text("{}")
+    (tmp_path / "r1mega_final").mkdir()  # an export that did not finish (no config.json) is left out
+    cmd = bench.r1mega_cmds(tmp_path, ["logging.progress=false"])["eval"]
+    models = next(a for a in cmd if a.startswith("eval.models="))
+    assert models == f"eval.models=[eval_cold:{tmp_path / 'cold'},eval_trl_final:{tmp_path / 'trl_final'}]"
+    assert f"eval.output={tmp_path / 'eval.json'}" in cmd and cmd[-1] == "logging.progress=false"
 
 
 def test_rl_minutes_caps_inside_the_stage_timeout():

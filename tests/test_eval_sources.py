@@ -36,9 +36,11 @@ def test_single_model_and_output_layout(tiny, tmp_path):
     ckpt.mkdir()
     got = eval_models(ModelConfig(), [f"cold:{tiny}", str(ckpt)], "runs/e/eval.json")
     assert [(g.label, g.path, g.output, g.is_hf) for g in got] == [
-        ("cold", str(tiny), "runs/e/cold/eval.json", True), ("ckpt", str(ckpt), "runs/e/ckpt/eval.json", False)]  # fmt: skip
+        ("cold", str(tiny), "runs/e/cold/eval.json", True),
+        ("ckpt", str(ckpt), "runs/e/ckpt/eval.json", False),
+    ]
     with pytest.raises(ConfigError, match="nothing to evaluate"):
-        eval_models(ModelConfig(), {}, "eval.json")
+        eval_models(ModelConfig(), [], "eval.json")
     with pytest.raises(ConfigError, match="label 'a' is empty or used twice"):
         eval_models(ModelConfig(), [f"a:{tiny}", f"a:{ckpt}"], "eval.json")
     with pytest.raises(ConfigError, match=r"eval.models.x=.*nope: no such folder"):

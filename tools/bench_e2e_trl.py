@@ -224,22 +224,34 @@ def run_stage(name: str, cmd: list[str], out: Path, timeout: int) -> dict[str, A
 
 
 START_S = 150  # a training stage's time outside its RL loop: imports, model build, SGLang start, evals, export
+CHECKPOINTS = ("cold", "r1mega_final", "trl_final", "r1mega_fp8_final")  # what the eval stages evaluate
+# decode CUDA graphs: a short list instead of SGLang's 36 sizes up to 256 (68 up to 1024), each captured at every
+# engine start; a batch between two sizes is padded to the next (for a 135M model a decode step costs about the same)
+TRAIN_GRAPHS = "rollout.cuda_graph_bs=[1,2,4,8,16,24,32,48,64,96,128,160,192,224,256]"
+EVAL_GRAPHS = "rollout.cuda_graph_bs=[1,2,4,8,16,32,64,128,256,384,512,640,768,896,1024]"
+
+
+def eval_cmd(out: Path, extra: list[str], checkpoints: list[str]) -> list[str]:
+    """One r1mega-eval process for ``checkpoints`` (eval.models: one model build and one SGLang start for all):
+    greedy, then k=8 samples, each; results in ``out/eval_<ck>/eval[_greedy].json``."""
+    models = ",".join(f"eval_{ck}:{out / ck}" for ck in checkpoints)
+    return [sys.executable, "-m", "r1mega.eval.cli", *PRESET, f"model.hf_path={out / checkpoints[0]}",
+            f"eval.models=[{models}]", "sft.steps=0",
+            "eval.sets=[gsm8k]", "eval.also_greedy=true", "eval.k=8", "eval.pass_at=[1,8]", "eval.chunk_problems=660",
+            "rollout=sglang", "rollout.max_batch_size=1024", EVAL_GRAPHS, f"eval.output={out / 'eval.json'}",
+            f"logging.out_dir={out / 'eval'}", *extra]  # fmt: skip
 
 
 def r1mega_cmds(
     out: Path, extra: list[str], rl_minutes: float | None = None, fp8: str = "blockwise"
 ) -> dict[str, list[str]]:
     """Every stage's command. ``rl_minutes``: ``train.max_minutes`` of the r1mega and TRL runs (both stop
-    gracefully and export at it: a stage killed by its timeout would leave no checkpoint to evaluate)."""
-    py, train = sys.executable, [sys.executable, "-m", "r1mega.train", *PRESET]
+    gracefully and export at it: a stage killed by its timeout would leave no checkpoint to evaluate). ``eval``
+    evaluates every checkpoint that exists when it starts; ``eval_<ck>`` that one alone."""
+    train = [sys.executable, "-m", "r1mega.train", *PRESET]
     cap = [] if rl_minutes is None else [f"train.max_minutes={rl_minutes:.2f}"]
-    evals = {}
-    for ck in ("cold", "r1mega_final", "trl_final"):  # one process each: greedy, then k=8 samples, one model load
-        evals[f"eval_{ck}"] = [py, "-m", "r1mega.eval.cli", *PRESET, f"model.hf_path={out / ck}", "sft.steps=0",
-                               "eval.sets=[gsm8k]", "eval.also_greedy=true", "eval.k=8", "eval.pass_at=[1,8]",
-                               "eval.chunk_problems=660", "rollout=sglang", "rollout.max_batch_size=1024",
-                               "rollout.cuda_graph_max_bs=1024", f"logging.out_dir={out / f'eval_{ck}'}",
-                               *extra]  # fmt: skip
+    present = [ck for ck in CHECKPOINTS if (out / ck / "config.json").is_file()] or ["cold"]
+    evals = {f"eval_{ck}": eval_cmd(out, extra, [ck]) for ck in CHECKPOINTS}
     return {
         "cold": [
             *train,
@@ -257,21 +269,25 @@ def r1mega_cmds(
             *train,
             f"model.hf_path={out / 'cold'}",
             "sft.steps=0",
+            TRAIN_GRAPHS,
             f"train.export_hf_dir={out / 'r1mega_final'}",
             f"logging.out_dir={out / 'r1mega'}",
             *extra,
             *cap,
         ],  # fmt: skip
-        "trl": [py, __file__, "--trl-child", "--out", str(out), "--", *extra, *cap],
+        "trl": [sys.executable, __file__, "--trl-child", "--out", str(out), "--", *extra, *cap],
         "r1mega_fp8": [
             *train,
             f"model.hf_path={out / 'cold'}",
             "sft.steps=0",
             f"train.fp8={fp8}",
+            TRAIN_GRAPHS,
+            f"train.export_hf_dir={out / 'r1mega_fp8_final'}",
             f"logging.out_dir={out / 'r1mega_fp8'}",
             *extra,
             *cap,
-        ],  # the FP8 run: its step time; no export
+        ],  # the FP8 run: its step time, and its checkpoint for the eval stage
+        "eval": eval_cmd(out, extra, present),
         **evals,
     }
 
@@ -310,6 +326,7 @@ def main() -> None:
     ap.add_argument("--stage", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
     ap.add_argument("--timeout", type=int, default=570, help="seconds per stage (a device command: <= 600)")
     ap.add_argument("--results", help="copy the small artefacts (metrics, eval.json, logs) here, e.g. $OUT")
+    ap.add_argument("--pack", action="store_true", help="only archive what --out holds now into --results")
     ap.add_argument("--fp8", default="blockwise", help="train.fp8 of the r1mega_fp8 stage (blockwise | tensorwise)")
     ap.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)  # the trl stage's own process
     ap.add_argument("overrides", nargs="*", help="r1mega Hydra overrides for every stage (after --)")
@@ -321,6 +338,9 @@ def main() -> None:
         print(json.dumps({"trl_grpo_config": kw, "r1mega": r1mega_from_trl(kw)}, indent=1, default=str))
         for name, cmd in r1mega_cmds(out, args.overrides, rl_minutes(cfg.train.max_minutes, args.timeout)).items():
             print(f"{name}: {' '.join(cmd)}")
+        return
+    if args.pack:  # a waiting device command brings back a running job's files so far
+        print(copy_results(out, Path(args.results or out)))
         return
     if args.trl_child:
         cfg = compose([f"model.hf_path={out / 'cold'}", "sft.steps=0", *args.overrides])
@@ -335,10 +355,11 @@ def main() -> None:
     check_mapping(cfg)  # before the GPU
     info_path = out / "stages.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    cmds = r1mega_cmds(out, args.overrides, rl_minutes(cfg.train.max_minutes, args.timeout), args.fp8)
-    for name in [n for n in cmds if n in wanted or (n.startswith("eval_") and "eval" in wanted)]:
+    minutes = rl_minutes(cfg.train.max_minutes, args.timeout)
+    for name in [n for n in r1mega_cmds(out, args.overrides, minutes, args.fp8) if n in wanted]:
+        cmd = r1mega_cmds(out, args.overrides, minutes, args.fp8)[name]  # now: `eval` takes the folders made so far
         try:
-            info[name] = run_stage(name, cmds[name], out, args.timeout)
+            info[name] = run_stage(name, cmd, out, args.timeout)
         finally:
             info_path.write_text(json.dumps(info, indent=1))
             if args.results:

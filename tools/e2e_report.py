@@ -14,7 +14,9 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
 
-CHECKPOINTS = (("cold start", "cold"), ("r1mega after", "r1mega_final"), ("TRL after", "trl_final"))
+CHECKPOINTS = (("cold start", "cold"), ("r1mega after", "r1mega_final"), ("TRL after", "trl_final"),
+               ("r1mega FP8 after", "r1mega_fp8_final"))  # fmt: skip
+OPTIONAL = {"r1mega_fp8_final"}  # a row only when it was evaluated
 
 
 def _evals(out: Path, ck: str):
@@ -54,6 +56,8 @@ def accuracy_table(out: Path) -> tuple[list[str], dict[str, float]]:
     gains = {}
     for label, ck in CHECKPOINTS:
         g, k = evals[ck]
+        if ck in OPTIONAL and g is None and k is None:
+            continue
         lines.append(
             f"| {label} | {_pct(g, 'pass@1', True)} | {_pct(k, 'pass@1', True)} | {_pct(k, 'cons@8')} | "
             f"{_pct(k, 'pass@8')} | {_pct(g, 'format_rate')} / {_pct(k, 'format_rate')} | "
@@ -91,9 +95,13 @@ def report(out: Path, stages: dict[str, dict]) -> str:
                (("r1mega_final", rl_min["r1mega"]), ("trl_final", rl_min["TRL"]))]  # fmt: skip
     lines.append(f"| pass@1 gain per RL GPU-minute (points) | {per_min[0]:.3f} | {per_min[1]:.3f} |")
     if fp8 := [r for r in _rows(out / "r1mega_fp8" / "metrics.jsonl") if "time/step" in r]:  # the FP8 run, if any
-        lines.append(f"| r1mega FP8: median step / training (s), steps | {med(fp8, 'time/step'):.2f} / "
-                     f"{med(fp8, 'time/training'):.2f}, {len(fp8)} | (bf16: {med(runs['r1mega'], 'time/step'):.2f} / "
+        fp8_min = sum(r["time/step"] for r in fp8) / 60
+        lines.append(f"| r1mega FP8: median step / training (s), steps, pass@1 gain per RL GPU-minute | "
+                     f"{med(fp8, 'time/step'):.2f} / {med(fp8, 'time/training'):.2f}, {len(fp8)}, "
+                     f"{gains.get('r1mega_fp8_final', float('nan')) / fp8_min:.3f} | (bf16: "
+                     f"{med(runs['r1mega'], 'time/step'):.2f} / "
                      f"{med(runs['r1mega'], 'time/training'):.2f}) |")  # fmt: skip
+        runs["r1mega FP8"] = fp8
     table = "\n".join([*lines, "", *acc])
     (out / "e2e_table.md").write_text(table + "\n")
     _plot(runs, out / "e2e_curves.png")
