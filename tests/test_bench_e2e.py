@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -103,6 +104,37 @@ def test_eval_stage_takes_the_checkpoints_made_so_far(tmp_path):
     models = next(a for a in cmd if a.startswith("eval.models="))
     assert models == f"eval.models=[eval_cold:{tmp_path / 'cold'},eval_trl_final:{tmp_path / 'trl_final'}]"
     assert f"eval.output={tmp_path / 'eval.json'}" in cmd and cmd[-1] == "logging.progress=false"
+    (tmp_path / "eval_cold").mkdir()
+    (tmp_path / "eval_cold" / "eval.json").write_text("{}")  # evaluated by an earlier eval stage of the job
+    models = next(a for a in bench.r1mega_cmds(tmp_path, [])["eval"] if a.startswith("eval.models="))
+    assert models == f"eval.models=[eval_trl_final:{tmp_path / 'trl_final'}]"
+    cmds = bench.r1mega_cmds(tmp_path, [], rl_minutes=5.0, fp8_minutes=1.5)
+    assert cmds["r1mega"][-1] == "train.max_minutes=5.00" and cmds["r1mega_fp8"][-1] == "train.max_minutes=1.50"
+
+
+def test_job_runs_stages_in_the_given_order_and_goes_on_after_a_failure(tmp_path, monkeypatch):
+    """The background job's loop: stages in --stage order (eval twice: keys eval, eval_2), a failed stage recorded
+    and skipped, the results archive written after each, the exit status naming the failures."""
+    ran = []
+
+    def fake_stage(name, cmd, out, timeout):
+        ran.append(name)
+        if name == "trl":
+            raise SystemExit("trl failed (rc 1)")
+        return {"wall_s": 1.0, "peak_gpu_mib": 0, "rc": 0}
+
+    monkeypatch.setattr(bench, "run_stage", fake_stage)
+    monkeypatch.setattr(bench, "check_mapping", lambda cfg: None)
+    monkeypatch.setattr(bench, "compose", lambda overrides: SimpleNamespace(train=SimpleNamespace(max_minutes=2.0)))
+    stages = "cold,r1mega,eval,trl,eval"
+    argv = ["bench", "--out", str(tmp_path), "--results", str(tmp_path / "back"), "--stage", stages]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match="failed stages: trl"):
+        bench.main()
+    assert ran == ["cold", "r1mega", "eval", "trl", "eval_2"]
+    info = json.loads((tmp_path / "stages.json").read_text())
+    assert set(info) == {"cold", "r1mega", "eval", "trl", "eval_2"} and "failed" in info["trl"]
+    assert (tmp_path / "back" / "e2e_results.tgz").is_file()
 
 
 def test_rl_minutes_caps_inside_the_stage_timeout():

@@ -243,14 +243,22 @@ def eval_cmd(out: Path, extra: list[str], checkpoints: list[str]) -> list[str]:
 
 
 def r1mega_cmds(
-    out: Path, extra: list[str], rl_minutes: float | None = None, fp8: str = "blockwise"
+    out: Path,
+    extra: list[str],
+    rl_minutes: float | None = None,
+    fp8: str = "blockwise",
+    fp8_minutes: float | None = None,
 ) -> dict[str, list[str]]:
     """Every stage's command. ``rl_minutes``: ``train.max_minutes`` of the r1mega and TRL runs (both stop
-    gracefully and export at it: a stage killed by its timeout would leave no checkpoint to evaluate). ``eval``
-    evaluates every checkpoint that exists when it starts; ``eval_<ck>`` that one alone."""
+    gracefully and export at it: a stage killed by its timeout would leave no checkpoint to evaluate); ``fp8_minutes``
+    the FP8 run's (default the same). ``eval`` evaluates every checkpoint made and not yet evaluated when it starts
+    (so a job can list it after each run); ``eval_<ck>`` that one alone."""
     train = [sys.executable, "-m", "r1mega.train", *PRESET]
     cap = [] if rl_minutes is None else [f"train.max_minutes={rl_minutes:.2f}"]
-    present = [ck for ck in CHECKPOINTS if (out / ck / "config.json").is_file()] or ["cold"]
+    fp8_minutes = rl_minutes if fp8_minutes is None else fp8_minutes
+    fp8_cap = [] if fp8_minutes is None else [f"train.max_minutes={fp8_minutes:.2f}"]
+    made = [ck for ck in CHECKPOINTS if (out / ck / "config.json").is_file()]
+    present = [ck for ck in made if not (out / f"eval_{ck}" / "eval.json").is_file()] or made[:1] or ["cold"]
     evals = {f"eval_{ck}": eval_cmd(out, extra, [ck]) for ck in CHECKPOINTS}
     return {
         "cold": [
@@ -285,7 +293,7 @@ def r1mega_cmds(
             f"train.export_hf_dir={out / 'r1mega_fp8_final'}",
             f"logging.out_dir={out / 'r1mega_fp8'}",
             *extra,
-            *cap,
+            *fp8_cap,
         ],  # the FP8 run: its step time, and its checkpoint for the eval stage
         "eval": eval_cmd(out, extra, present),
         **evals,
@@ -328,6 +336,7 @@ def main() -> None:
     ap.add_argument("--results", help="copy the small artefacts (metrics, eval.json, logs) here, e.g. $OUT")
     ap.add_argument("--pack", action="store_true", help="only archive what --out holds now into --results")
     ap.add_argument("--fp8", default="blockwise", help="train.fp8 of the r1mega_fp8 stage (blockwise | tensorwise)")
+    ap.add_argument("--fp8-minutes", type=float, help="train.max_minutes of the r1mega_fp8 stage (default: the RL one)")
     ap.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)  # the trl stage's own process
     ap.add_argument("overrides", nargs="*", help="r1mega Hydra overrides for every stage (after --)")
     args = ap.parse_args()
@@ -356,10 +365,20 @@ def main() -> None:
     info_path = out / "stages.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     minutes = rl_minutes(cfg.train.max_minutes, args.timeout)
-    for name in [n for n in r1mega_cmds(out, args.overrides, minutes, args.fp8) if n in wanted]:
-        cmd = r1mega_cmds(out, args.overrides, minutes, args.fp8)[name]  # now: `eval` takes the folders made so far
+    fp8_minutes = None if args.fp8_minutes is None else rl_minutes(args.fp8_minutes, args.timeout)
+    failed = []
+    for i, name in enumerate(wanted):  # in the order given; `eval` may come after each run
+        cmds = r1mega_cmds(out, args.overrides, minutes, args.fp8, fp8_minutes)  # now: the folders made so far
+        if name not in cmds:
+            continue
+        key = name if name not in wanted[:i] else f"{name}_{wanted[:i].count(name) + 1}"
         try:
-            info[name] = run_stage(name, cmd, out, args.timeout)
+            info[key] = run_stage(key, cmds[name], out, args.timeout)  # its log: out/<key>.log
+        except (SystemExit, subprocess.TimeoutExpired) as e:  # the later stages that do not need it still run
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: FAILED: {e}", flush=True)
+            info[key], failed = {"failed": str(e)[:300]}, [*failed, name]
+            if name == "cold":
+                break  # every later stage starts from its folder
         finally:
             info_path.write_text(json.dumps(info, indent=1))
             if args.results:
@@ -367,6 +386,8 @@ def main() -> None:
     if "report" in wanted:
         print(report(out, info))
         print(f"curves: {out / 'e2e_curves.png'}; table: {out / 'e2e_table.md'}")
+    if failed:
+        raise SystemExit(f"failed stages: {', '.join(failed)} (their logs: {out}/<stage>.log)")
 
 
 if __name__ == "__main__":
