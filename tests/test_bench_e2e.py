@@ -108,6 +108,9 @@ def test_eval_stage_takes_the_checkpoints_made_so_far(tmp_path):
     (tmp_path / "eval_cold" / "eval.json").write_text("{}")  # evaluated by an earlier eval stage of the job
     models = next(a for a in bench.r1mega_cmds(tmp_path, [])["eval"] if a.startswith("eval.models="))
     assert models == f"eval.models=[eval_trl_final:{tmp_path / 'trl_final'}]"
+    (tmp_path / "eval_trl_final").mkdir()
+    (tmp_path / "eval_trl_final" / "eval.json").write_text("{}")
+    assert "eval" not in bench.r1mega_cmds(tmp_path, [])  # nothing new: no second evaluation of the same folders
     cmds = bench.r1mega_cmds(tmp_path, [], rl_minutes=5.0, fp8_minutes=1.5)
     assert cmds["r1mega"][-1] == "train.max_minutes=5.00" and cmds["r1mega_fp8"][-1] == "train.max_minutes=1.50"
 

@@ -258,8 +258,10 @@ def r1mega_cmds(
     fp8_minutes = rl_minutes if fp8_minutes is None else fp8_minutes
     fp8_cap = [] if fp8_minutes is None else [f"train.max_minutes={fp8_minutes:.2f}"]
     made = [ck for ck in CHECKPOINTS if (out / ck / "config.json").is_file()]
-    present = [ck for ck in made if not (out / f"eval_{ck}" / "eval.json").is_file()] or made[:1] or ["cold"]
+    new = [ck for ck in made if not (out / f"eval_{ck}" / "eval.json").is_file()] if made else ["cold"]
     evals = {f"eval_{ck}": eval_cmd(out, extra, [ck]) for ck in CHECKPOINTS}
+    if new:  # nothing new (the run before it failed): no `eval` stage
+        evals["eval"] = eval_cmd(out, extra, new)
     return {
         "cold": [
             *train,
@@ -295,7 +297,6 @@ def r1mega_cmds(
             *extra,
             *fp8_cap,
         ],  # the FP8 run: its step time, and its checkpoint for the eval stage
-        "eval": eval_cmd(out, extra, present),
         **evals,
     }
 
@@ -370,6 +371,8 @@ def main() -> None:
     for i, name in enumerate(wanted):  # in the order given; `eval` may come after each run
         cmds = r1mega_cmds(out, args.overrides, minutes, args.fp8, fp8_minutes)  # now: the folders made so far
         if name not in cmds:
+            if name == "eval":
+                print(f"[{time.strftime('%H:%M:%S')}] eval: no checkpoint left to evaluate, skipped", flush=True)
             continue
         key = name if name not in wanted[:i] else f"{name}_{wanted[:i].count(name) + 1}"
         try:

@@ -99,8 +99,8 @@ def _vocab(folder: str | None) -> dict | None:
     if not folder or not f.is_file():
         return None
     tok = json.loads(f.read_text())
-    return {"vocab": (tok.get("model") or {}).get("vocab"), "added": [(t["id"], t["content"]) for t in tok.get(
-        "added_tokens", [])]}  # fmt: skip
+    added = [(t["id"], t["content"]) for t in tok.get("added_tokens", [])]
+    return {"vocab": (tok.get("model") or {}).get("vocab"), "added": added}
 
 
 def _check_same_vocab(tokenizer: str | None, m: EvalModel) -> None:
