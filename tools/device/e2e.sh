@@ -37,8 +37,7 @@ job=(python3 -u tools/bench_e2e_trl.py --out /tmp/e2e --stage "$stages" --timeou
      logging.plot=false logging.wandb_mode=offline "$@")
 if [ "$mode" = start ]; then
   rm -rf $JOB && mkdir -p $JOB /tmp/e2e
-  setsid bash -c '"$@" > '$JOB'/log 2>&1; echo $? > '$JOB'/rc' _ "${job[@]}" < /dev/null &
-  echo $! > $JOB/pid
+  setsid bash -c 'echo $$ > '$JOB'/pid; "$@" > '$JOB'/log 2>&1; echo $? > '$JOB'/rc' _ "${job[@]}" < /dev/null &
   sleep 2; echo "job started (pid $(cat $JOB/pid)): ${job[*]}"; cat $JOB/log
   exit 0
 fi
