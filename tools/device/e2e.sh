@@ -33,7 +33,14 @@ fi
 stages=$1 timeout=$2; shift 2
 source /tmp/carry/env.sh; source /tmp/carry/sglang_env.sh; source /tmp/carry/smol_env.sh; source /tmp/carry/e2e_env.sh
 export PYTHONPATH=$PWD:$PWD/kernels:${PYTHONPATH:-} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TOKENIZERS_PARALLELISM=false
-job=(python3 -u tools/bench_e2e_trl.py --out /tmp/e2e --stage "$stages" --timeout "$timeout" -- train.eval_every=0
+# FP8 (the r1mega_fp8 stage): FP8=blockwise|tensorwise, or by default the recipe TE takes for SmolLM2's shapes
+# (tools/device/fp8_probe.py); FP8_MINUTES: its train.max_minutes (default: the RL stages' one).
+fp8=()
+case ",$stages," in *,r1mega_fp8,*)
+  fp8=(--fp8 "${FP8:-$(python3 tools/device/fp8_probe.py)}"); echo "FP8 recipe: ${fp8[1]}"
+  [ -n "${FP8_MINUTES:-}" ] && fp8+=(--fp8-minutes "$FP8_MINUTES") ;;
+esac
+job=(python3 -u tools/bench_e2e_trl.py --out /tmp/e2e --stage "$stages" --timeout "$timeout" "${fp8[@]}" -- train.eval_every=0
      logging.plot=false logging.wandb_mode=offline "$@")
 if [ "$mode" = start ]; then
   rm -rf $JOB && mkdir -p $JOB /tmp/e2e
