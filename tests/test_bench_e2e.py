@@ -20,6 +20,7 @@ TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_e2e_trl.py"
 _spec = importlib.util.spec_from_file_location("bench_e2e_trl", TOOL)
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
+e2e_stages = sys.modules["e2e_stages"]  # the job's stage commands (tools/e2e_stages.py, imported by the tool)
 
 
 needs_hf_path = pytest.mark.skipif(
@@ -91,7 +92,8 @@ def test_dry_run_composes_the_preset_and_prints_the_stages(tmp_path):
     assert "max_minutes" not in lines["cold"] + lines["eval_cold"] and "rollout=megatron" in lines["cold"]
     assert "eval.also_greedy=true" in lines["eval_r1mega_final"] and "train.fp8=blockwise" in lines["r1mega_fp8"]
     assert f"eval.models=[eval_cold:{tmp_path / 'cold'}]" in lines["eval"]  # nothing trained yet: the cold start
-    assert bench.EVAL_GRAPHS in lines["eval"] and bench.TRAIN_GRAPHS in lines["r1mega"] + lines["r1mega_fp8"]
+    assert e2e_stages.EVAL_GRAPHS in lines["eval"] and e2e_stages.TRAIN_GRAPHS in lines["r1mega"] + lines["r1mega_fp8"]
+    assert "preflight: every r1mega stage composes" in proc.stdout
 
 
 def test_eval_stage_takes_the_checkpoints_made_so_far(tmp_path):
@@ -128,6 +130,7 @@ def test_job_runs_stages_in_the_given_order_and_goes_on_after_a_failure(tmp_path
 
     monkeypatch.setattr(bench, "run_stage", fake_stage)
     monkeypatch.setattr(bench, "check_mapping", lambda cfg: None)
+    monkeypatch.setattr(bench, "preflight", lambda cmds, wanted: None)
     monkeypatch.setattr(bench, "compose", lambda overrides: SimpleNamespace(train=SimpleNamespace(max_minutes=2.0)))
     stages = "cold,r1mega,eval,trl,eval"
     argv = ["bench", "--out", str(tmp_path), "--results", str(tmp_path / "back"), "--stage", stages]
@@ -138,6 +141,22 @@ def test_job_runs_stages_in_the_given_order_and_goes_on_after_a_failure(tmp_path
     info = json.loads((tmp_path / "stages.json").read_text())
     assert set(info) == {"cold", "r1mega", "eval", "trl", "eval_2"} and "failed" in info["trl"]
     assert (tmp_path / "back" / "e2e_results.tgz").is_file()
+
+
+def test_preflight_refuses_an_override_one_stage_cannot_take(tmp_path, monkeypatch):
+    """Every r1mega stage's config is composed before the first stage starts: rollout.mem_fraction is an SGLang key,
+    and the cold stage runs rollout=megatron (the 2026-12-06 job lost its first start to exactly this)."""
+    monkeypatch.setenv("SMOLLM2_HF", str(tmp_path / "smollm2"))
+    monkeypatch.setenv("GSM8K_DIR", "/work/shared/data/gsm8k")
+    stages = ["cold", "r1mega", "eval", "trl"]
+    e2e_stages.preflight(bench.r1mega_cmds(tmp_path, ["train.max_minutes=4"]), stages)  # composes: no error
+    with pytest.raises(SystemExit) as err:
+        e2e_stages.preflight(bench.r1mega_cmds(tmp_path, ["rollout.mem_fraction=0.4"]), stages)
+    msg = str(err.value)
+    assert "stage cold (r1mega.train)" in msg and "mem_fraction" in msg
+    assert "stage r1mega " not in msg and "stage eval " not in msg  # the SGLang stages take it
+    with pytest.raises(SystemExit, match=r"stage eval \(r1mega.eval.cli\).*eval.nonsense"):
+        e2e_stages.preflight(bench.r1mega_cmds(tmp_path, ["+eval.nonsense=1"]), ["eval"])
 
 
 def test_rl_minutes_caps_inside_the_stage_timeout():

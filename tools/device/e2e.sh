@@ -44,7 +44,7 @@ job=(python3 -u tools/bench_e2e_trl.py --out /tmp/e2e --stage "$stages" --timeou
      logging.plot=false logging.wandb_mode=offline "$@")
 if [ "$mode" = start ]; then
   rm -rf $JOB && mkdir -p $JOB /tmp/e2e
-  setsid bash -c 'echo $$ > '$JOB'/pid; "$@" > '$JOB'/log 2>&1; echo $? > '$JOB'/rc' _ "${job[@]}" < /dev/null &
+  setsid bash -c 'echo $$ > '$JOB'/pid; "$@" > '$JOB'/log 2>&1; echo $? > '$JOB'/rc' _ "${job[@]}" < /dev/null > /dev/null 2>&1 &
   sleep 2; echo "job started (pid $(cat $JOB/pid)): ${job[*]}"; cat $JOB/log
   exit 0
 fi
