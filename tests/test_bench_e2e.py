@@ -254,3 +254,28 @@ def test_trl_stage_runs_on_cpu_from_a_tiny_llama(tmp_path):
     assert rows[0]["time/generation"] > 0 and rows[0]["time/reward"] > 0 and rows[0]["time/training"] > 0
     assert 0.0 <= rows[0]["reward/accuracy"] <= 1.0 and rows[0]["response/length_mean"] <= 8
     AutoModelForCausalLM.from_pretrained(tmp_path / "trl_final")
+
+
+def test_report_keeps_an_evaluation_the_machine_did_not_let_finish(tmp_path):
+    """A checkpoint whose evaluation was cut off has only eval[_greedy]_progress.json (r1mega/eval/runner.py writes
+    it after every chunk): its row shows the running pass@1 +- se marked partial, and the difference to the cold
+    start with the unpaired z (no per-problem results to pair)."""
+    import math
+
+    from r1mega.eval.chunks import Sample
+    from r1mega.eval.results import save_results
+    from r1mega.eval.runner import write_progress
+
+    n = 20
+    save_results(_eval_results([[i < 2] for i in range(n)], True), tmp_path / "eval_cold" / "eval_greedy.json")
+    flags = [i < 6 for i in range(n // 2)]  # the first of two chunks: 10 problems, 6 right
+    samples = [Sample("1" if c else "2", float(c), 1.0, 40, True, None) for c in flags]
+    write_progress(tmp_path / "eval_r1mega_final" / "eval_greedy_progress.json", ["gsm8k"] * len(samples), samples,
+                   chunks=1, of=2, wall_s=1.0, gen_s=1.0)  # fmt: skip
+    table = bench.report(tmp_path, {})
+    row = next(line for line in table.splitlines() if line.startswith("| r1mega after"))
+    se_after = math.sqrt(0.6 * 0.4 / (10 - 1))  # sample std / sqrt(n) of ten 0/1 outcomes
+    se_cold = math.sqrt(0.1 * 0.9 * n / (n - 1) / n)
+    assert row.startswith(f"| r1mega after (partial: greedy 1/2 chunks) | 60.00 +- {100 * se_after:.2f} |"), row
+    assert f"| +50.00 (z {0.5 / math.hypot(se_after, se_cold):.1f}, partial) |" in row, row
+    assert "| cold start | 10.00 +- " in table

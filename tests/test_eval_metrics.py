@@ -199,6 +199,28 @@ def test_evaluate_scores_the_answer_the_rule_extracts(rule, correct, answered):
     assert [int(s.format) for s in samples] == [0, 1, 0]  # the format reward is R1's under either rule
 
 
+def test_progress_standard_error_groups_the_samples_of_each_problem(tmp_path):
+    """With k samples per problem the running pass@1 se is over problems (each one's fraction correct), as the
+    final summary's: brute force against the sample std / sqrt(n) of those fractions; a problem cut off in the
+    middle of its samples is not counted."""
+    import json
+    import math
+
+    from r1mega.eval.chunks import Sample
+    from r1mega.eval.runner import write_progress
+
+    k, correct = 4, [[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    samples = [Sample("1", float(c), 1.0, 10, True, None) for row in correct for c in row]
+    names = ["s"] * len(samples)
+    path = tmp_path / "p.json"
+    write_progress(path, names, samples[:-1], chunks=1, of=2, wall_s=1.0, gen_s=1.0, per_problem=k)  # 3 whole
+    fr = [sum(r) / k for r in correct[:3]]
+    m = sum(fr) / 3
+    got = json.loads(path.read_text())["sets"]["s"]
+    assert got["problems"] == 3
+    assert got["pass@1_se"] == pytest.approx(math.sqrt(sum((x - m) ** 2 for x in fr) / 2 / 3))
+
+
 def test_progress_file_tracks_the_chunks_and_ends_at_the_summary(tmp_path):
     """evaluate(progress_path=...): rewritten after every chunk; its last state has every sample of every set and
     the same pass@1 / format rate as the final summary (what a run stopped by a time limit leaves behind)."""
@@ -235,3 +257,5 @@ def test_progress_file_tracks_the_chunks_and_ends_at_the_summary(tmp_path):
     assert got["gen_tokens_per_s"] == pytest.approx(got["generated_tokens"] / got["generation_s"])
     for name in sets:
         assert got["sets"][name]["pass@1"] == pytest.approx(res.sets[name].metrics["pass@1"])
+        assert got["sets"][name]["pass@1_se"] == pytest.approx(res.sets[name].metrics["pass@1_se"])
+        assert got["sets"][name]["problems"] == len(sets[name])

@@ -19,12 +19,26 @@ CHECKPOINTS = (("cold start", "cold"), ("r1mega after", "r1mega_final"), ("TRL a
 OPTIONAL = {"r1mega_fp8_final"}  # a row only when it was evaluated
 
 
+class Partial:
+    """An evaluation that did not finish (the machine lost, a time limit): only its ``eval*_progress.json``, the
+    running numbers of the chunks done (r1mega/eval/runner.py write_progress), no per-problem results."""
+
+    def __init__(self, path: Path) -> None:
+        d = json.loads(path.read_text())
+        self.chunks = f"{d['chunks_done']}/{d['chunks']}"
+        self.sets = {name: SimpleNamespace(metrics=m, problems=[]) for name, m in d["sets"].items()}
+
+
 def _evals(out: Path, ck: str):
-    """(greedy, k-sampled) EvalResults of one checkpoint's ``eval_<ck>`` stage (None where missing)."""
+    """(greedy, k-sampled) results of one checkpoint's ``eval_<ck>`` stage: EvalResults, a Partial where only the
+    progress file is there, None where missing."""
     from r1mega.eval.results import load_results
 
-    paths = (out / f"eval_{ck}" / "eval_greedy.json", out / f"eval_{ck}" / "eval.json")
-    return tuple(load_results(p) if p.is_file() else None for p in paths)
+    got = []
+    for stem in ("eval_greedy", "eval"):
+        path, progress = out / f"eval_{ck}" / f"{stem}.json", out / f"eval_{ck}" / f"{stem}_progress.json"
+        got.append(load_results(path) if path.is_file() else Partial(progress) if progress.is_file() else None)
+    return tuple(got)
 
 
 def _pct(res, key: str, se: bool = False, scale: float = 100) -> str:
@@ -32,7 +46,8 @@ def _pct(res, key: str, se: bool = False, scale: float = 100) -> str:
     if res is None or key not in res.sets.get("gsm8k", SimpleNamespace(metrics={})).metrics:
         return "-"
     m = res.sets["gsm8k"].metrics
-    return f"{scale * m[key]:.{2 if scale == 100 else 0}f}" + (f" +- {100 * m[key + '_se']:.2f}" if se else "")
+    err = m.get(key + "_se", float("nan"))  # a progress file of before 2026-12-06 has none
+    return f"{scale * m[key]:.{2 if scale == 100 else 0}f}" + (f" +- {100 * err:.2f}" if se else "")
 
 
 def _delta(res, base) -> str:
@@ -41,15 +56,21 @@ def _delta(res, base) -> str:
 
     if res is None or base is None:
         return "-"
+    if isinstance(res, Partial) or isinstance(base, Partial):  # no per-problem results: the unpaired z only
+        a, b = res.sets["gsm8k"].metrics, base.sets["gsm8k"].metrics
+        se = (a.get("pass@1_se", float("nan")) ** 2 + b.get("pass@1_se", float("nan")) ** 2) ** 0.5
+        return f"{100 * (a['pass@1'] - b['pass@1']):+.2f} (z {(a['pass@1'] - b['pass@1']) / se:.1f}, partial)"
     (c,) = compare_results(res, base)
     return f"{100 * (c.pass1_a - c.pass1_b):+.2f} (z {c.z:.1f}, paired {c.paired_z:.1f})"
 
 
 def accuracy_table(out: Path) -> tuple[list[str], dict[str, float]]:
     """GSM8K test before / after for both sides; and each side's pass@1 gain (k samples) in points."""
+    from r1mega.eval.results import EvalResults
+
     evals = {ck: _evals(out, ck) for _, ck in CHECKPOINTS}
     cold_g, cold_k = evals["cold"]
-    n = len(cold_g.sets["gsm8k"].problems) if cold_g is not None and "gsm8k" in cold_g.sets else 0
+    n = len(cold_g.sets["gsm8k"].problems) if isinstance(cold_g, EvalResults) and "gsm8k" in cold_g.sets else 1319
     lines = [f"| GSM8K test ({n} problems) | greedy % +- se | pass@1 % +- se (k=8) | cons@8 % | pass@8 % | format % "
              "(greedy / k=8) | len (tok, k=8) | greedy vs cold: points (z, paired z) | pass@1 vs cold |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -58,6 +79,8 @@ def accuracy_table(out: Path) -> tuple[list[str], dict[str, float]]:
         g, k = evals[ck]
         if ck in OPTIONAL and g is None and k is None:
             continue
+        partial = [f"{what} {r.chunks} chunks" for what, r in (("greedy", g), ("k=8", k)) if isinstance(r, Partial)]
+        label += f" (partial: {', '.join(partial)})" if partial else ""
         lines.append(
             f"| {label} | {_pct(g, 'pass@1', True)} | {_pct(k, 'pass@1', True)} | {_pct(k, 'cons@8')} | "
             f"{_pct(k, 'pass@8')} | {_pct(g, 'format_rate')} / {_pct(k, 'format_rate')} | "

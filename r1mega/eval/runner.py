@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from r1mega.data.tasks import Problem
 from r1mega.eval.chunks import ChunkStore, Sample, chunk_path, fingerprint
-from r1mega.eval.metrics import cons_at_k
+from r1mega.eval.metrics import cons_at_k, standard_error
 from r1mega.eval.results import EvalResults, ProblemResult, SampleResult, SetResult, summarize, write_json
 from r1mega.eval.templates import encode_prompts
 from r1mega.rewards import extract_answer
@@ -139,11 +139,25 @@ _PROGRESS_STATS = ("pass@1", "format_rate", "answer_rate", "length_mean", "trunc
 
 
 def write_progress(
-    path: str | Path, names: list[str], samples: list[Sample], *, chunks: int, of: int, wall_s: float, gen_s: float
+    path: str | Path,
+    names: list[str],
+    samples: list[Sample],
+    *,
+    chunks: int,
+    of: int,
+    wall_s: float,
+    gen_s: float,
+    per_problem: int = 1,
 ) -> None:
-    """The running per-set means of the samples scored so far (one name per sample), written atomically, with the
-    generation throughput: what a run stopped by a time limit leaves behind is enough for the report's row."""
+    """The running per-set means of the samples scored so far (one name per sample, ``per_problem`` consecutive
+    samples per problem), written atomically, with the generation throughput and pass@1's standard error over the
+    problems done (as results.summarize computes it): what a run stopped by a time limit, or a machine lost mid-way,
+    leaves behind is enough for the report's row."""
     sets: dict[str, dict[str, float]] = {}
+    solved: dict[str, list[float]] = {}  # per set: each finished problem's fraction of correct samples
+    for j in range(0, len(samples) - per_problem + 1, per_problem):
+        group = samples[j : j + per_problem]
+        solved.setdefault(names[j], []).append(sum(float(x.accuracy > 0) for x in group) / per_problem)
     for name, x in zip(names, samples):
         d = sets.setdefault(name, dict.fromkeys(("samples", *_PROGRESS_STATS), 0.0))
         d["samples"] += 1
@@ -152,10 +166,12 @@ def write_progress(
         d["answer_rate"] += float(x.answer is not None)  # as results.summarize counts it
         d["length_mean"] += x.length
         d["truncated_frac"] += float(not x.finished)
-    for d in sets.values():
+    for name, d in sets.items():
         d["samples"] = int(d["samples"])
         for k in _PROGRESS_STATS:
             d[k] /= d["samples"]
+        d["problems"] = len(solved.get(name, []))
+        d["pass@1_se"] = standard_error(solved.get(name, []))
     tokens = sum(x.length for x in samples)
     write_json(
         {
@@ -276,7 +292,7 @@ def evaluate(
             if progress_path is not None and dp_rank == 0:
                 names = [name for name, _, _ in mine[:hi] for _ in range(n)]
                 write_progress(progress_path, names, samples, chunks=c + 1, of=num_chunks,
-                               wall_s=time.perf_counter() - t0, gen_s=gen_s)  # fmt: skip
+                               wall_s=time.perf_counter() - t0, gen_s=gen_s, per_problem=n)  # fmt: skip
             bar.update(min(max(hi - lo, 0) * dp_size, len(items) - bar.n))  # rank 0's pace stands for all
             bar.set_postfix(pass1=f"{sum(x.accuracy for x in samples) / max(len(samples), 1):.3f}")
     finally:
