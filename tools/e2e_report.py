@@ -70,7 +70,10 @@ def accuracy_table(out: Path) -> tuple[list[str], dict[str, float]]:
 
     evals = {ck: _evals(out, ck) for _, ck in CHECKPOINTS}
     cold_g, cold_k = evals["cold"]
-    n = len(cold_g.sets["gsm8k"].problems) if isinstance(cold_g, EvalResults) and "gsm8k" in cold_g.sets else 1319
+    if isinstance(cold_g, EvalResults) and "gsm8k" in cold_g.sets:
+        n = len(cold_g.sets["gsm8k"].problems)
+    else:  # the cold start's greedy evaluation cut off (its problems so far) or missing
+        n = cold_g.sets["gsm8k"].metrics.get("problems", "?") if isinstance(cold_g, Partial) else "?"
     lines = [f"| GSM8K test ({n} problems) | greedy % +- se | pass@1 % +- se (k=8) | cons@8 % | pass@8 % | format % "
              "(greedy / k=8) | len (tok, k=8) | greedy vs cold: points (z, paired z) | pass@1 vs cold |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -19,8 +19,8 @@ ENTRY_CONFIGS = {"r1mega.train": "config", "r1mega.eval.cli": "eval"}
 
 
 def compose(overrides: list[str], config_name: str = "config"):
-    """The typed r1mega Config of ``+preset=smollm2_gsm8k`` + overrides, composed by Hydra as the entry point whose
-    ``config_name`` it is composes it (``config``: r1mega-train, ``eval``: r1mega-eval)."""
+    """The typed r1mega Config of ``+preset=smollm2_gsm8k`` + overrides, composed by Hydra as an entry point composes
+    it (``config_name``: ``config`` for r1mega-train, ``eval`` for r1mega-eval)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
