@@ -51,15 +51,19 @@ def test_preset_without_a_model_folder_names_the_variable(monkeypatch):
         config_from_hydra(_compose(["+preset=smollm2_gsm8k"]))
 
 
-def test_preset_sft_and_grpo_steps_run_on_cpu(tiny_llama, tmp_path):
-    """Two SFT and two GRPO steps of the preset, shrunk to CPU sizes; the rollout engine and the trainer agree."""
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_preset_sft_and_grpo_steps_run_on_cpu(tiny_llama, tmp_path, layout):
+    """Two SFT and two GRPO steps of the preset, shrunk to CPU sizes; the rollout engine and the trainer agree.
+    ``packed``: the trainer's log-probs over THD-packed microbatches (``train.max_tokens_per_microbatch=600``: about
+    two prompt + answer sequences each) still equal the engine's own, computed token by token with its KV cache."""
     out = tmp_path / "run"
+    pack = ["train.max_tokens_per_microbatch=600"] if layout == "packed" else []
     args = [
         "+preset=smollm2_gsm8k", f"model.hf_path={tiny_llama}", "rollout=megatron", "train.device=cpu",
         "train.precision=fp32", "train.steps=2", "train.eval_every=0", "sft.steps=2", "sft.batch_size=4",
         "sft.num_examples=64", "rollout.prompts_per_step=2", "algo.group_size=2", "rollout.sampling.max_new_tokens=8",
         "data.num_eval=4", "train.micro_batch_size=4", "train.threads=1", "reward.num_workers=1",
-        "logging.wandb_mode=disabled", "logging.plot=false", "logging.progress=false", f"logging.out_dir={out}",
+        "logging.wandb_mode=disabled", "logging.plot=false", "logging.progress=false", f"logging.out_dir={out}", *pack,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GSM8K_DIR": GSM8K_DIR, "COLUMNS": "300"}
     proc = subprocess.run([sys.executable, "-m", "r1mega.train", *args], capture_output=True, text=True, env=env)
