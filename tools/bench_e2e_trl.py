@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is no package: its e2e_report beside this file
 from e2e_report import report  # noqa: E402
-from e2e_stages import (  # noqa: E402  (the job's stages; re-exported: tests reach them through this module)
+from e2e_stages import (  # noqa: E402  (the GPU job's stage commands, runner and preflight)
     compose,
     copy_results,
     preflight,
