@@ -32,7 +32,9 @@ Memory cycle (SGLang's memory saver drops the *contents* of released weights):
 ``release_memory`` releases every tag (weights, KV cache, CUDA graphs); ``update_weights`` resumes the
 weights only and pushes; ``resume_memory`` resumes the rest; ``generate`` pushes first whenever the
 weights were released since the last push (e.g. after ``evaluate``) -- so a push always follows a
-weight resume, as SGLang needs.
+weight resume, as SGLang needs. Before a resume the trainer's cached blocks go back to the driver, and a resume
+that cannot fit is a ``MemoryError`` naming the settings (:class:`~r1mega.memory.GpuHandover`), not a crash of
+SGLang's scheduler that takes the job down without a checkpoint.
 
 Weight push: the :class:`~r1mega.rollout.base.WeightSource` streams (HF name, tensor) groups in HF layouts
 (TP / EP gathered), planned into single-dtype buckets of ``rollout.bucket_mb`` with a layer's experts together
@@ -68,6 +70,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from r1mega.config import Config, SGLangRolloutConfig
+from r1mega.memory import GpuHandover
 from r1mega.model.hf_export import hf_architecture, hf_config_from_model_config
 from r1mega.rollout.base import Rollout, SamplingParams, WeightSource
 from r1mega.rollout.sglang_io import request_seed, sampling_dict, scored_logprobs, to_rollout
@@ -144,6 +147,12 @@ class SGLangRolloutEngine:
         self._engine = None
         self._model_dir: Optional[Path] = None
         self._released: set[str] = set()
+        self._handover = GpuHandover(  # torch's cache emptied before each resume; a clear error if it cannot fit
+            "rollout=sglang",
+            "Lower rollout.mem_fraction (SGLang's share of the GPU), or the trainer's peak: "
+            "train.max_tokens_per_microbatch (packing) or a smaller train.micro_batch_size, "
+            "train.offload_optimizer_during_rollout=true.",
+        )
         self._weights_synced = False
         self._pushes = 0
         self._flattened = self.settings.flattened_bucket  # off for good if this SGLang refuses the load format
@@ -223,7 +232,7 @@ class SGLangRolloutEngine:
         if not tags:
             return
         if self._engine is not None:
-            self._engine.release_memory_occupation(tags=tags)
+            self._handover.release(lambda: self._engine.release_memory_occupation(tags=tags))
         self._released.update(tags)
         if WEIGHTS in tags:
             self._weights_synced = False  # the memory saver does not keep the contents
@@ -233,7 +242,10 @@ class SGLangRolloutEngine:
         if not tags:
             return
         if self._engine is not None:
-            self._engine.resume_memory_occupation(tags=tags)
+            rest = self._released.issubset(tags)
+            self._handover.resume(lambda: self._engine.resume_memory_occupation(tags=tags), rest=rest)
+        elif torch.cuda.is_available():
+            torch.cuda.empty_cache()  # this rank's GPU hosts one of the owner's TP schedulers
         self._released.difference_update(tags)
 
     def release_memory(self) -> None:
