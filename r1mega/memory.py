@@ -38,6 +38,11 @@ def memory_metrics(device: torch.device, phase: str) -> dict[str, float]:
     return {f"mem/{phase}/rss_gb": rss / GB}
 
 
+class EngineMemoryError(MemoryError):
+    """A colocated engine cannot take its GPU memory back. Raised before the engine is asked, at the start of a
+    step's generation, so the policy is still the previous step's: the RL loop saves it and stops (r1mega/train.py)."""
+
+
 def device_free_bytes() -> Optional[int]:
     """The driver's free bytes on this process's GPU (every process counted, SGLang's schedulers too); None on CPU."""
     return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
@@ -54,8 +59,9 @@ class GpuHandover:
       43 GB reserved for a 24 GB training peak (microbatches of varying length fragment it), which with SGLang's
       40 GB is more than an 80 GB card.
     - if the device still has less free than the engine released, the resume cannot succeed (the memory saver
-      maps back exactly the physical bytes it unmapped): a ``MemoryError`` here, in the trainer's process, names
-      the settings to change and goes through the run's teardown (checkpoint, wandb) like any other error.
+      maps back exactly the physical bytes it unmapped): an :class:`EngineMemoryError` here, in the trainer's
+      process, names the settings to change and ends the run like a stop: the checkpoint of the last step, then the
+      teardown (wandb, engine).
 
     ``free_bytes`` is injectable for the CPU tests; with it None (the CPU) nothing is measured or checked.
     """
@@ -81,7 +87,7 @@ class GpuHandover:
             torch.cuda.empty_cache()
         before = self.free_bytes()
         if rest and before is not None and before < self.owed:
-            raise MemoryError(
+            raise EngineMemoryError(
                 f"{self.what}: cannot take its GPU memory back: it needs {self.owed / GB:.2f} GB and the device has "
                 f"{before / GB:.2f} GB free after the trainer's cache was emptied (torch holds "
                 f"{_reserved_gb():.2f} GB). {self.fix}"

@@ -201,6 +201,7 @@ def _rl_loop(cfg, r: _Run, start_step: int):
 
     from r1mega.cadence import Cadence, Due
     from r1mega.checkpoint import latest_checkpoint, save_checkpoint
+    from r1mega.memory import EngineMemoryError
     from r1mega.model.hf_io import maybe_export_hf
     from r1mega.rollout.base import NonFiniteError
     from r1mega.signals import StopSignals
@@ -209,6 +210,7 @@ def _rl_loop(cfg, r: _Run, start_step: int):
     show = r.policy.runtime.is_main and cfg.logging.progress
     bar = tqdm(range(start_step, cfg.train.steps), desc="GRPO", disable=not show, dynamic_ncols=True)
     cadence = Cadence(cfg.train)
+    saved_step = start_step - 1  # the step the newest checkpoint holds
     with StopSignals() as signals:
         for step in bar:
             try:
@@ -216,6 +218,12 @@ def _rl_loop(cfg, r: _Run, start_step: int):
             except NonFiniteError as e:  # the weights the step guard protects came non-finite from elsewhere
                 why = f"step {step + 1} (after {step} steps): {e}"
                 r.console.print(f"stopping: {why}; latest checkpoint: {latest_checkpoint(cfg.train.save_dir)}")
+                return Due(stop=why, status=1)
+            except EngineMemoryError as e:  # raised before this step generated: the policy is the last step's
+                if saved_step < step - 1:
+                    save_checkpoint(cfg.train.save_dir, step - 1, r.policy)
+                why = f"step {step + 1} (after {step} steps): {e}"
+                r.console.print(f"stopping: {why}; checkpoint {latest_checkpoint(cfg.train.save_dir)}")
                 return Due(stop=why, status=1)
             metrics["train/bad_steps"] = cadence.count_step(metrics.get("train/step_skipped", 0.0) > 0)
             r.tracker.log(metrics, step=step + 1)
@@ -226,6 +234,7 @@ def _rl_loop(cfg, r: _Run, start_step: int):
                 cadence.request_stop(reason)  # saved and reported like any stop
             due = cadence.after(step)
             saved = save_checkpoint(cfg.train.save_dir, step, r.policy) if due.save else None
+            saved_step = step if saved else saved_step
             if due.eval:
                 r.tracker.log(r.trainer.evaluate(r.eval_set, cfg.train.eval_samples), step=step + 1)
             maybe_export_hf(cfg, r.policy, step + 1)  # train.export_hf_every
@@ -254,6 +263,7 @@ def main() -> None:
 
     @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
     def _hydra_main(dcfg) -> None:
+        from r1mega.memory import EngineMemoryError
         from r1mega.rollout.base import NonFiniteError
 
         try:
@@ -263,8 +273,8 @@ def main() -> None:
             sys.exit(2)
         except RunStopped as e:  # already reported by the loop, with the checkpoint
             sys.exit(e.status)
-        except NonFiniteError as e:  # e.g. model.checkpoint holds NaN weights: the evaluation before RL cannot sample
-            print(f"r1mega-train: {e}", file=sys.stderr)
+        except (NonFiniteError, EngineMemoryError) as e:  # e.g. NaN weights in model.checkpoint, a GPU too full:
+            print(f"r1mega-train: {e}", file=sys.stderr)  # before RL (during it, the loop stops and saves)
             sys.exit(1)
         except KeyboardInterrupt:  # a second Ctrl-C, or one before the RL loop: one line, not a traceback
             print("r1mega-train: interrupted (SIGINT); train.save_dir keeps its latest checkpoint", file=sys.stderr)

@@ -170,14 +170,15 @@ class GRPOTrainer:
         with timer.stage("generation"):
             if offload:
                 self.policy.offload_for_rollout()  # optimizer state to host, grad buffers freed
-            self.engine.resume_memory()
-            rollouts = self.engine.generate(
-                prompts, SamplingParams(s.temperature, s.top_p, s.top_k, s.max_new_tokens, seed=cfg.train.seed + step)
-            )
-            mem = memory_metrics(self.policy.device, "generation")  # while the engine holds its memory
-            self.engine.release_memory()
-            if offload:
-                self.policy.onload_for_training()
+            try:
+                self.engine.resume_memory()
+                params = SamplingParams(s.temperature, s.top_p, s.top_k, s.max_new_tokens, seed=cfg.train.seed + step)
+                rollouts = self.engine.generate(prompts, params)
+                mem = memory_metrics(self.policy.device, "generation")  # while the engine holds its memory
+                self.engine.release_memory()
+            finally:  # also when the engine fails: the policy stays whole for the checkpoint of a stop
+                if offload:
+                    self.policy.onload_for_training()
 
         # 3. rule-based rewards: accuracy + format, in worker processes with a hard timeout
         with timer.stage("reward"):
