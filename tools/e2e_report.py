@@ -144,11 +144,12 @@ def _plot(runs: dict[str, list[dict]], path: Path) -> None:
             ("response/length_mean", "response length"), ("train/kl", "KL to reference"),
             ("rollout/logp_diff_mean", "|dlogp| engine vs trainer")]  # fmt: skip
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    colors = {name: f"C{i}" for i, name in enumerate(runs)}  # one colour per run in every panel
     for ax, (k, title) in zip(axes, keys):
         for name, rows in runs.items():
             pts = [(r["step"] if "step" in r else i + 1, r[k]) for i, r in enumerate(rows) if r.get(k) is not None]
             if pts:
-                ax.plot(*zip(*pts), label=name)
+                ax.plot(*zip(*pts), label=name, color=colors[name])
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend()
