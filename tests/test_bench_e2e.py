@@ -143,6 +143,49 @@ def test_job_runs_stages_in_the_given_order_and_goes_on_after_a_failure(tmp_path
     assert (tmp_path / "back" / "e2e_results.tgz").is_file()
 
 
+def test_a_failed_rl_stage_is_exported_from_its_latest_checkpoint(tmp_path, monkeypatch):
+    """An RL stage that dies after a checkpoint (2026-12-06b: SGLang's resume at step 26) is exported from it by
+    r1mega-export with the stage's own overrides, and the next eval evaluates that folder; no checkpoint, no export."""
+    ran: dict[str, list[str]] = {}
+
+    def fake_stage(name, cmd, out, timeout):
+        ran[name] = cmd
+        if name == "r1mega":
+            ckpts = tmp_path / "r1mega" / "checkpoints"
+            (ckpts / "step_000024").mkdir(parents=True)
+            (ckpts / "latest").write_text("step_000024")
+            raise SystemExit("r1mega failed (rc -9)")
+        if name == "r1mega_fp8":
+            raise SystemExit("r1mega_fp8 failed (rc 1)")  # before any checkpoint
+        if name == "eval":  # the cold start evaluated
+            (tmp_path / "eval_cold").mkdir()
+            (tmp_path / "eval_cold" / "eval.json").write_text("{}")
+        if name in ("cold", "r1mega_export"):
+            folder = tmp_path / ("cold" if name == "cold" else "r1mega_final")
+            folder.mkdir()
+            (folder / "config.json").write_text("{}")
+        return {"wall_s": 1.0, "peak_gpu_mib": 0, "rc": 0}
+
+    monkeypatch.setattr(bench, "run_stage", fake_stage)
+    monkeypatch.setattr(bench, "check_mapping", lambda cfg: None)
+    monkeypatch.setattr(bench, "preflight", lambda cmds, wanted: None)
+    monkeypatch.setattr(bench, "compose", lambda overrides: SimpleNamespace(train=SimpleNamespace(max_minutes=2.0)))
+    argv = ["bench", "--out", str(tmp_path), "--stage", "cold,eval,r1mega,r1mega_fp8,eval"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match="failed stages: r1mega, r1mega_fp8"):
+        bench.main()
+    assert list(ran) == ["cold", "eval", "r1mega", "r1mega_export", "r1mega_fp8", "eval_2"]
+    export = ran["r1mega_export"]
+    assert export[1:4] == ["-m", "r1mega.model.hf_io", str(tmp_path / "r1mega_final")]
+    assert export[4:-1] == ran["r1mega"][3:]  # the stage's own overrides: the same model
+    assert export[-1] == f"model.checkpoint={tmp_path / 'r1mega' / 'checkpoints' / 'step_000024'}"
+    models = next(a for a in ran["eval_2"] if a.startswith("eval.models="))
+    assert models == f"eval.models=[eval_r1mega_final:{tmp_path / 'r1mega_final'}]"
+    info = json.loads((tmp_path / "stages.json").read_text())
+    assert "failed" in info["r1mega"] and info["r1mega_export"]["rc"] == 0 and "r1mega_fp8_export" not in info
+    e2e_stages.preflight({"r1mega_export": export}, ["r1mega_export"])  # r1mega-export composes its overrides
+
+
 def test_preflight_refuses_an_override_one_stage_cannot_take(tmp_path, monkeypatch):
     """Every r1mega stage's config is composed before the first stage starts: rollout.mem_fraction is an SGLang key,
     and the cold stage runs rollout=megatron (the 2026-12-06 job lost its first start to exactly this)."""

@@ -45,6 +45,7 @@ from e2e_stages import (  # noqa: E402  (the GPU job's stage commands, runner an
     r1mega_cmds,
     rl_minutes,
     run_stage,
+    salvage_cmd,
 )
 from e2e_trl_side import run_trl  # noqa: E402
 
@@ -234,6 +235,11 @@ def main() -> None:
             info[key], failed = {"failed": str(e)[:300]}, [*failed, name]
             if name == "cold":
                 break  # every later stage starts from its folder
+            if export := salvage_cmd(out, name, cmds):  # its latest checkpoint as its HF folder, for the next eval
+                try:
+                    info[f"{key}_export"] = run_stage(f"{key}_export", export, out, args.timeout)
+                except (SystemExit, subprocess.TimeoutExpired) as e2:
+                    info[f"{key}_export"] = {"failed": str(e2)[:300]}
         finally:
             info_path.write_text(json.dumps(info, indent=1))
             if args.results:

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).with_name("bench_e2e_trl.py")  # the trl stage's child process runs it with --trl-child
 PRESET = ["+preset=smollm2_gsm8k"]
 # the Hydra config each r1mega entry point composes (its @hydra.main config_name)
-ENTRY_CONFIGS = {"r1mega.train": "config", "r1mega.eval.cli": "eval"}
+ENTRY_CONFIGS = {"r1mega.train": "config", "r1mega.eval.cli": "eval", "r1mega.model.hf_io": "config"}
 
 
 def compose(overrides: list[str], config_name: str = "config"):
@@ -150,6 +150,26 @@ def r1mega_cmds(
     }
 
 
+RUNS = {"r1mega": "r1mega_final", "r1mega_fp8": "r1mega_fp8_final"}  # an RL stage -> the HF folder it exports
+
+
+def salvage_cmd(out: Path, stage: str, cmds: dict[str, list[str]]) -> list[str] | None:
+    """An RL stage that ended without its export (a crash, a stop) but left a checkpoint: ``r1mega-export`` of its
+    latest one into the folder the stage would have written, with the stage's own overrides (the same model), so the
+    next ``eval`` stage still measures what was trained. None when there is nothing to salvage."""
+    import re
+
+    if stage not in RUNS or (out / RUNS[stage] / "config.json").is_file():
+        return None
+    cmd = cmds[stage]
+    run_dir = next((a.split("=", 1)[1] for a in cmd if a.startswith("logging.out_dir=")), None)
+    latest = Path(run_dir or "", "checkpoints", "latest")
+    if run_dir is None or not latest.is_file() or not re.fullmatch(r"step_\d{6,}", latest.read_text().strip()):
+        return None
+    ckpt = latest.parent / latest.read_text().strip()
+    return [sys.executable, "-m", "r1mega.model.hf_io", str(out / RUNS[stage]), *cmd[3:], f"model.checkpoint={ckpt}"]
+
+
 def rl_minutes(max_minutes: float, timeout_s: int) -> float:
     """The RL wall-time limit of a training stage: the config's ``train.max_minutes`` (0: none), capped so that the
     run stops by itself inside the stage's ``--timeout``."""
@@ -183,7 +203,7 @@ def preflight(cmds: dict[str, list[str]], stages: list[str]) -> None:
         entry = cmd[2] if len(cmd) > 2 and cmd[1] == "-m" else None
         if entry not in ENTRY_CONFIGS:
             continue
-        overrides = [a for a in cmd[3:] if a not in PRESET]
+        overrides = [a for a in cmd[3:] if a not in PRESET and "=" in a]  # (r1mega-export's OUT_DIR comes first)
         try:
             compose(overrides, ENTRY_CONFIGS[entry])
         except Exception as e:  # noqa: BLE001 - Hydra's and OmegaConf's errors alike: report them all at once
